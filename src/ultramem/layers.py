@@ -1,0 +1,201 @@
+"""The memory layers: `UltraMemLayer` (v1, SPEC section 4) and `PKMLayer` (SPEC section 3).
+
+Shape legend: B batch, T time, D model width, H heads, M kept per head, C cores (MCS chunks),
+E value-expansion blocks, V value width D_v, K = H * M entries per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PKMConfig, UltraMemConfig
+from .retrieval import Retrieved, TuckerRetrieval
+from .values import ValueTable
+
+
+def _check_input(x: torch.Tensor, dim: int, name: str, training: bool) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != dim:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected input of shape (batch, time, {dim}), got {got}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point input, got dtype {x.dtype}")
+    # A NaN/Inf reaching top-k and the optimiser would corrupt keys, cores and values silently;
+    # in training we stop before anything is touched (one reduction; skipped under compile).
+    if training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name}: input contains NaN or Inf; refusing to train on it")
+
+
+class UltraMemLayer(nn.Module):
+    """UltraMem memory layer: TDQKR retrieval, raw scores, MCS, IVE and the merged output linear."""
+
+    def __init__(self, cfg: UltraMemConfig):
+        super().__init__()
+        if not isinstance(cfg, UltraMemConfig):
+            raise TypeError(f"cfg: expected UltraMemConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.retrieval = TuckerRetrieval(cfg)
+        self.values = ValueTable(cfg.num_values, cfg.v_dim, cfg.num_cores, sparse=cfg.sparse_values)
+        self.w_o = nn.Linear(cfg.value_expansion * cfg.v_dim, cfg.out_dim, bias=False)
+        self.register_buffer("perm", torch.randperm(cfg.num_virtual))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every tensor (SPEC section 4, "paper" init unless cfg.init == "authors").
+
+        - values: N(0, E / (2 m H L)) so the output variance matches a GPT residual branch when
+          kept scores are ~1 ("authors": N(0, 0.02^2));
+        - W_q and keys: N(0, 1/D_k); cores: U(0, 1);
+        - key-norm gains 1/sqrt(D_k); query-norm gains 1/sqrt(E[Y]) with Y the mean of the top-m
+          of m1^2 N(0, 1) draws ("authors": both D_k^-0.33);
+        - W_o: N(0, 1/(E D_v)); query conv (if any): PyTorch's default;
+        - perm: a fresh random permutation of the E*N virtual slots (drawn in __init__, kept here).
+        """
+        cfg = self.cfg
+        self.retrieval.reset_parameters()
+        if cfg.init == "paper":
+            std = (cfg.value_expansion / (2 * cfg.topk * cfg.heads * cfg.depth)) ** 0.5
+        else:
+            std = 0.02
+        nn.init.normal_(self.values.weight, std=std)
+        nn.init.normal_(self.w_o.weight, std=(cfg.value_expansion * cfg.v_dim) ** -0.5)
+
+    def retrieve(self, x_BTD: torch.Tensor, exact: bool = False) -> Retrieved:
+        """Top-m virtual slots per head and their per-core scores (exact=True: brute-force oracle)."""
+        _check_input(x_BTD, self.cfg.dim, "UltraMemLayer.retrieve", False)
+        return self.retrieval(x_BTD, exact=exact)
+
+    def forward(self, x_BTD: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        cfg = self.cfg
+        _check_input(x_BTD, cfg.dim, "UltraMemLayer", self.training)
+        B, T, _ = x_BTD.shape
+        idx_BTHM, scores_BTHMC = self.retrieval(x_BTD, exact=exact)
+        # IVE: virtual slot -> (block g, physical row i) through the fixed permutation.
+        phys_TK = self.perm[idx_BTHM.reshape(B * T, -1)]
+        block_TK = torch.div(phys_TK, cfg.num_values, rounding_mode="floor")
+        row_TK = phys_TK - block_TK * cfg.num_values
+        w_TKC = scores_BTHMC.reshape(B * T, -1, cfg.num_cores)
+        pooled_TEV = self.values.pool(row_TK, block_TK, w_TKC, cfg.value_expansion, impl=cfg.lookup)
+        pooled = pooled_TEV.reshape(B, T, -1).to(self.w_o.weight.dtype)
+        return self.w_o(pooled)
+
+    def refresh_tucker(self) -> None:
+        self.retrieval.refresh_tucker(force=True)
+
+    def aux_loss(self) -> torch.Tensor:
+        """alpha/(r-1) * sum over heads and i >= 2 of relu(lambda_i - tau)^2 (zero when disabled)."""
+        cfg = self.cfg
+        if cfg.core_loss_coef == 0:
+            return self.retrieval.cores.new_zeros(())
+        excess = (self.retrieval.singular_values()[:, 1:] - cfg.core_loss_tau).clamp_min(0)
+        return cfg.core_loss_coef / (cfg.tucker_rank - 1) * excess.pow(2).sum()
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        return [self.values.weight]
+
+    @torch.no_grad()
+    def memory_stats(self) -> dict[str, float]:
+        sv = self.retrieval.singular_values()
+        if sv.shape[-1] < 2:
+            return {}
+        return {"core_sv_ratio": (sv[:, 1] / sv[:, 0].clamp_min(1e-12)).mean().item()}
+
+
+class PKMLayer(nn.Module):
+    """Product-key memory: per-head queries and sub-keys, additive grid, softmax over the kept k,
+    one value table shared by the heads. Optional Memory+ gate and output projection."""
+
+    def __init__(self, cfg: PKMConfig):
+        super().__init__()
+        if not isinstance(cfg, PKMConfig):
+            raise TypeError(f"cfg: expected PKMConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        H, Dk = cfg.heads, cfg.key_dim
+        self.w_q = nn.Linear(cfg.dim, H * Dk, bias=False)
+        if cfg.query_norm == "batch":
+            self.q_norm = nn.BatchNorm1d(H * Dk)
+        elif cfg.query_norm == "layer":
+            self.q_norm = nn.LayerNorm(H * Dk)
+        elif cfg.query_norm == "rms":
+            self.q_norm = nn.RMSNorm(H * Dk)
+        else:
+            self.q_norm = nn.Identity()
+        self.subkeys = nn.Parameter(torch.empty(H, 2, cfg.num_keys, Dk // 2))
+        self.values = ValueTable(cfg.num_values, cfg.v_dim, 1, sparse=cfg.sparse_values)
+        self.w_g = nn.Linear(cfg.dim, cfg.v_dim, bias=False) if cfg.memory_plus else None
+        needs_proj = cfg.memory_plus or cfg.v_dim != cfg.out_dim
+        self.w_o = nn.Linear(cfg.v_dim, cfg.out_dim, bias=False) if needs_proj else None
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """W_q, W_g: N(0, 1/D); sub-keys: U(-1/sqrt(Dk/2), 1/sqrt(Dk/2)); values: N(0, value_init_std^2)
+        with default std D_v^-0.5 (PKM's choice); W_o: N(0, 1/D_v); query norm: identity."""
+        cfg = self.cfg
+        nn.init.normal_(self.w_q.weight, std=cfg.dim ** -0.5)
+        bound = (cfg.key_dim // 2) ** -0.5
+        nn.init.uniform_(self.subkeys, -bound, bound)
+        std = cfg.value_init_std if cfg.value_init_std is not None else cfg.v_dim ** -0.5
+        nn.init.normal_(self.values.weight, std=std)
+        if self.w_g is not None:
+            nn.init.normal_(self.w_g.weight, std=cfg.dim ** -0.5)
+        if self.w_o is not None:
+            nn.init.normal_(self.w_o.weight, std=cfg.v_dim ** -0.5)
+        if hasattr(self.q_norm, "reset_parameters"):
+            self.q_norm.reset_parameters()
+
+    def _query(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.w_q(x_BTD).reshape(B * T, -1)
+        return self.q_norm(q).view(B, T, self.cfg.heads, self.cfg.key_dim)
+
+    def retrieve(self, x_BTD: torch.Tensor, exact: bool = False) -> Retrieved:
+        """Top-k slots per head and their scores (B, T, H, k, 1); softmaxed unless cfg.softmax=False.
+
+        exact=True ranks the whole n x n grid (an oracle for tests; the product-key search is exact,
+        so both agree up to ties)."""
+        _check_input(x_BTD, self.cfg.dim, "PKMLayer.retrieve", False)
+        cfg = self.cfg
+        n, k = cfg.num_keys, cfg.topk
+        q1_BTHK, q2_BTHK = self._query(x_BTD).chunk(2, dim=-1)
+        s1_BTHN = torch.einsum("bthk,hnk->bthn", q1_BTHK, self.subkeys[:, 0])
+        s2_BTHN = torch.einsum("bthk,hnk->bthn", q2_BTHK, self.subkeys[:, 1])
+        if exact:
+            grid = (s1_BTHN.unsqueeze(-1) + s2_BTHN.unsqueeze(-2)).flatten(-2)
+            best, idx_BTHk = grid.topk(k, dim=-1)
+        else:
+            v1, i1 = s1_BTHN.topk(k, dim=-1)
+            v2, i2 = s2_BTHN.topk(k, dim=-1)
+            # The true top-k of the n^2 sums lies in the k x k grid of per-side winners.
+            grid = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)
+            best, flat = grid.topk(k, dim=-1)
+            idx_BTHk = i1.gather(-1, flat // k) * n + i2.gather(-1, flat % k)
+        scores = best.softmax(dim=-1) if cfg.softmax else best
+        return Retrieved(idx_BTHk, scores.unsqueeze(-1))
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        _check_input(x_BTD, cfg.dim, "PKMLayer", self.training)
+        B, T, _ = x_BTD.shape
+        idx_BTHk, scores_BTHk1 = self.retrieve(x_BTD)
+        pooled = self.values.pool(idx_BTHk.reshape(B * T, -1), None, scores_BTHk1.reshape(B * T, -1, 1),
+                                  1, impl=cfg.lookup).view(B, T, cfg.v_dim)
+        pooled = pooled.to(x_BTD.dtype)
+        if self.w_g is not None:
+            pooled = pooled * F.silu(self.w_g(x_BTD))
+        return self.w_o(pooled) if self.w_o is not None else pooled
+
+    def refresh_tucker(self) -> None:
+        """No Tucker cores in PKM: nothing to refresh (kept so model code treats memories alike)."""
+
+    def aux_loss(self) -> torch.Tensor:
+        return self.subkeys.new_zeros(())
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        return [self.values.weight]
+
+    def memory_stats(self) -> dict[str, float]:
+        return {}

@@ -1,0 +1,153 @@
+"""Tucker-decomposed retrieval: exact vs two-stage, bilinear scores, SVD sign stability, conv causality."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ultramem import UltraMemConfig, UltraMemLayer, retrieval_recall
+from ultramem.retrieval import _leading_pair, expected_topm_mean
+
+
+def small_cfg(**kw):
+    base = dict(dim=32, num_keys=6, key_dim=8, value_dim=8, heads=2, topk=5, tucker_rank=2,
+                num_cores=2, value_expansion=4)
+    base.update(kw)
+    return UltraMemConfig(**base)
+
+
+def brute_force_scores(layer, x):
+    """Per-core bilinear scores of every virtual slot, straight from the definitions."""
+    s_row, s_col = layer.retrieval.row_col_scores(x)  # (B, T, H, P, R)
+    cores = layer.retrieval.cores  # (H, C, R, R)
+    return torch.einsum("ntiar,icrs,ntibs->ntiabc", s_row, cores, s_col)  # (B,T,H,P,P,C)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(2, 5), E=st.sampled_from([1, 4]), r=st.integers(1, 3), h=st.sampled_from([1, 2]),
+       m=st.integers(1, 6), seed=st.integers(0, 50))
+def test_two_stage_without_filtering_equals_exact(n, E, r, h, m, seed):
+    torch.manual_seed(seed)
+    P = n * int(E ** 0.5)
+    m = min(m, P * P)
+    layer = UltraMemLayer(small_cfg(num_keys=n, value_expansion=E, tucker_rank=r, num_cores=h,
+                                    topk=m, stage1_topk=P, value_dim=4 * h))
+    x = torch.randn(2, 3, 32)
+    fast, exact = layer.retrieve(x), layer.retrieve(x, exact=True)
+    assert torch.equal(fast.indices.sort(-1).values, exact.indices.sort(-1).values)
+    assert retrieval_recall(layer, x) == 1.0
+
+
+def test_exact_is_the_true_top_m_and_scores_are_bilinear():
+    torch.manual_seed(0)
+    layer = UltraMemLayer(small_cfg())
+    x = torch.randn(2, 4, 32)
+    full = brute_force_scores(layer, x)  # (B,T,H,P,P,C)
+    P = layer.cfg.keys_per_side
+    summed = full.sum(-1).flatten(-2)
+    expected = summed.topk(layer.cfg.topk, dim=-1).indices
+    got = layer.retrieve(x, exact=True)
+    assert torch.equal(got.indices.sort(-1).values, expected.sort(-1).values)
+    per_core = full.flatten(3, 4)  # (B,T,H,P*P,C)
+    gathered = per_core.gather(3, got.indices.unsqueeze(-1).expand(-1, -1, -1, -1, full.shape[-1]))
+    torch.testing.assert_close(got.scores, gathered)
+    assert got.indices.max() < P * P
+
+
+def test_two_stage_keeps_best_of_the_filtered_grid():
+    torch.manual_seed(1)
+    layer = UltraMemLayer(small_cfg(stage1_topk=3, topk=4))
+    x = torch.randn(1, 3, 32)
+    s_row, s_col = layer.retrieval.row_col_scores(x)
+    u, t = layer.retrieval.u, layer.retrieval.t
+    rows = torch.einsum("bthpr,hr->bthp", s_row, u).topk(3, -1).indices
+    cols = torch.einsum("bthpr,hr->bthp", s_col, t).topk(3, -1).indices
+    got = layer.retrieve(x).indices
+    P = layer.cfg.keys_per_side
+    assert torch.isin(got // P, rows).all() and torch.isin(got % P, cols).all()
+
+
+def test_gradient_reaches_queries_keys_cores_only_through_kept_slots():
+    torch.manual_seed(2)
+    layer = UltraMemLayer(small_cfg())
+    x = torch.randn(2, 3, 32)
+    layer(x).sum().backward()
+    ret = layer.retrieval
+    for p in (ret.w_q.weight, ret.keys_row, ret.keys_col, ret.cores, ret.q_row_norm, ret.k_col_norm):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    kept = layer.retrieve(x).indices
+    P = layer.cfg.keys_per_side
+    used_rows = torch.zeros(2, P, dtype=torch.bool)  # per head
+    for hd in range(2):
+        used_rows[hd, (kept[..., hd, :] // P).unique()] = True
+    row_grad = ret.keys_row.grad.abs().sum((-1, -2))  # (H, P)
+    assert torch.all(row_grad[~used_rows] == 0)
+
+
+def test_refresh_tucker_keeps_sign_between_steps():
+    torch.manual_seed(3)
+    layer = UltraMemLayer(small_cfg(tucker_rank=3))
+    ret = layer.retrieval
+    u0, t0 = ret.u.clone(), ret.t.clone()
+    # A positive core has a positive Perron pair: the fresh orientation must pick it.
+    assert torch.all(u0 > 0) and torch.all(t0 > 0)
+    with torch.no_grad():
+        ret.cores.add_(0.01 * torch.randn_like(ret.cores))
+    layer.refresh_tucker()
+    assert (ret.u - u0).abs().max() < 0.2 and (ret.t - t0).abs().max() < 0.2
+    # If the previous pair were the negated one, the refresh must follow it (closest in L1).
+    with torch.no_grad():
+        ret.u.neg_()
+        ret.t.neg_()
+    prev_u = ret.u.clone()
+    layer.refresh_tucker()
+    assert torch.all(torch.sign(ret.u) == torch.sign(prev_u))
+
+
+def test_leading_pair_is_a_singular_pair():
+    core = torch.rand(3, 4, 4)
+    u, t = _leading_pair(core, None, None)
+    s1 = torch.linalg.svdvals(core)[:, 0]
+    torch.testing.assert_close(torch.einsum("hr,hrs,hs->h", u, core, t), s1)
+
+
+def test_refresh_happens_automatically_after_an_optimiser_step():
+    torch.manual_seed(4)
+    layer = UltraMemLayer(small_cfg())
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+    before = layer.retrieval.u.clone()
+    layer(torch.randn(2, 3, 32)).pow(2).sum().backward()
+    opt.step()
+    layer(torch.randn(1, 1, 32))  # forward notices the cores changed
+    u_expected, _ = _leading_pair(layer.retrieval.cores.sum(1).detach(), before, layer.retrieval.t)
+    torch.testing.assert_close(layer.retrieval.u, u_expected)
+    assert not torch.equal(layer.retrieval.u, before)
+
+
+def test_query_conv_is_causal():
+    torch.manual_seed(5)
+    layer = UltraMemLayer(small_cfg(query_conv=True))
+    x = torch.randn(1, 6, 32)
+    y = layer(x)
+    x2 = x.clone()
+    x2[:, 4:] += 10 * torch.randn(1, 2, 32)
+    y2 = layer(x2)
+    torch.testing.assert_close(y[:, :4], y2[:, :4])
+    assert not torch.allclose(y[:, 4:], y2[:, 4:])
+
+
+def test_paper_query_gain_uses_expected_top_m_mean():
+    cfg = small_cfg(topk=4, stage1_topk=3)
+    layer = UltraMemLayer(cfg)
+    ey = expected_topm_mean(3, 4)
+    assert 0.5 < ey < 2.0
+    torch.testing.assert_close(layer.retrieval.q_row_norm.detach(), torch.full((8,), ey ** -0.5))
+    torch.testing.assert_close(layer.retrieval.k_row_norm.detach(), torch.full((8,), 8 ** -0.5))
+    authors = UltraMemLayer(small_cfg(init="authors"))
+    torch.testing.assert_close(authors.retrieval.q_col_norm.detach(), torch.full((8,), 8 ** -0.33))
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_norm_kinds_run(norm):
+    layer = UltraMemLayer(small_cfg(norm=norm))
+    assert layer(torch.randn(1, 2, 32)).shape == (1, 2, 32)
