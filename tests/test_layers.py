@@ -222,3 +222,19 @@ def test_pkm_errors():
         PKMConfig(dim=16, query_norm="group")
     with pytest.raises(ValueError, match="got \\(1, 2, 15\\)"):
         PKMLayer(pkm_cfg())(torch.randn(1, 2, 15))
+
+
+def test_pkm_shared_query_and_key_norm():
+    torch.manual_seed(9)
+    layer = PKMLayer(pkm_cfg(share_query=True, key_norm=True, query_norm="rms", heads=3))
+    assert layer.w_q.weight.shape == (8, 16)  # one query of key_dim for all heads
+    x = torch.randn(2, 3, 16)
+    q = layer._query(x)
+    assert torch.equal(q[:, :, 0], q[:, :, 2])
+    keys = layer._subkeys()
+    rms = keys.pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.full_like(rms, 4 ** -0.5), rtol=1e-4, atol=1e-4)
+    fast, exact = layer.retrieve(x), layer.retrieve(x, exact=True)
+    assert torch.equal(fast.indices.sort(-1).values, exact.indices.sort(-1).values)
+    layer(x).sum().backward()
+    assert layer.key_gain.grad is not None and layer.key_gain.grad.abs().sum() > 0

@@ -149,6 +149,8 @@ class PKMConfig(_ConfigMixin):
     depth: int = 1  # unused by PKM's init; kept so model code can treat memories alike
     query_norm: str = "batch"
     softmax: bool = True  # False = raw scores ("rm softmax" rung of the ablation)
+    share_query: bool = False  # one query shared by all heads ("share query" rung)
+    key_norm: bool = False  # RMS-normalise sub-keys with a learnable gain ("query/key norm" rung)
     memory_plus: bool = False
     value_init_std: float | None = None  # default value_dim ** -0.5 (PKM's choice)
     lookup: str = "fused"

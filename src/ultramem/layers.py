@@ -114,16 +114,18 @@ class PKMLayer(nn.Module):
             raise TypeError(f"cfg: expected PKMConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         H, Dk = cfg.heads, cfg.key_dim
-        self.w_q = nn.Linear(cfg.dim, H * Dk, bias=False)
+        q_width = Dk if cfg.share_query else H * Dk
+        self.w_q = nn.Linear(cfg.dim, q_width, bias=False)
         if cfg.query_norm == "batch":
-            self.q_norm = nn.BatchNorm1d(H * Dk)
+            self.q_norm = nn.BatchNorm1d(q_width)
         elif cfg.query_norm == "layer":
-            self.q_norm = nn.LayerNorm(H * Dk)
+            self.q_norm = nn.LayerNorm(q_width)
         elif cfg.query_norm == "rms":
-            self.q_norm = nn.RMSNorm(H * Dk)
+            self.q_norm = nn.RMSNorm(q_width)
         else:
             self.q_norm = nn.Identity()
         self.subkeys = nn.Parameter(torch.empty(H, 2, cfg.num_keys, Dk // 2))
+        self.key_gain = nn.Parameter(torch.ones(Dk // 2)) if cfg.key_norm else None
         self.values = ValueTable(cfg.num_values, cfg.v_dim, 1, sparse=cfg.sparse_values)
         self.w_g = nn.Linear(cfg.dim, cfg.v_dim, bias=False) if cfg.memory_plus else None
         needs_proj = cfg.memory_plus or cfg.v_dim != cfg.out_dim
@@ -133,7 +135,8 @@ class PKMLayer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """W_q, W_g: N(0, 1/D); sub-keys: U(-1/sqrt(Dk/2), 1/sqrt(Dk/2)); values: N(0, value_init_std^2)
-        with default std D_v^-0.5 (PKM's choice); W_o: N(0, 1/D_v); query norm: identity."""
+        with default std D_v^-0.5 (PKM's choice); W_o: N(0, 1/D_v); query norm: identity; key-norm
+        gain (if any): 1/sqrt(Dk/2)."""
         cfg = self.cfg
         nn.init.normal_(self.w_q.weight, std=cfg.dim ** -0.5)
         bound = (cfg.key_dim // 2) ** -0.5
@@ -146,11 +149,20 @@ class PKMLayer(nn.Module):
             nn.init.normal_(self.w_o.weight, std=cfg.v_dim ** -0.5)
         if hasattr(self.q_norm, "reset_parameters"):
             self.q_norm.reset_parameters()
+        if self.key_gain is not None:
+            self.key_gain.fill_(bound)  # normed keys keep the scale of the uniform init
 
     def _query(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q = self.w_q(x_BTD).reshape(B * T, -1)
-        return self.q_norm(q).view(B, T, self.cfg.heads, self.cfg.key_dim)
+        q = self.q_norm(self.w_q(x_BTD).reshape(B * T, -1))
+        if self.cfg.share_query:
+            return q.view(B, T, 1, self.cfg.key_dim).expand(B, T, self.cfg.heads, self.cfg.key_dim)
+        return q.view(B, T, self.cfg.heads, self.cfg.key_dim)
+
+    def _subkeys(self) -> torch.Tensor:
+        if self.key_gain is None:
+            return self.subkeys
+        return F.rms_norm(self.subkeys, (self.subkeys.shape[-1],), self.key_gain, eps=1e-6)
 
     def retrieve(self, x_BTD: torch.Tensor, exact: bool = False) -> Retrieved:
         """Top-k slots per head and their scores (B, T, H, k, 1); softmaxed unless cfg.softmax=False.
@@ -161,8 +173,9 @@ class PKMLayer(nn.Module):
         cfg = self.cfg
         n, k = cfg.num_keys, cfg.topk
         q1_BTHK, q2_BTHK = self._query(x_BTD).chunk(2, dim=-1)
-        s1_BTHN = torch.einsum("bthk,hnk->bthn", q1_BTHK, self.subkeys[:, 0])
-        s2_BTHN = torch.einsum("bthk,hnk->bthn", q2_BTHK, self.subkeys[:, 1])
+        keys = self._subkeys()
+        s1_BTHN = torch.einsum("bthk,hnk->bthn", q1_BTHK, keys[:, 0])
+        s2_BTHN = torch.einsum("bthk,hnk->bthn", q2_BTHK, keys[:, 1])
         if exact:
             grid = (s1_BTHN.unsqueeze(-1) + s2_BTHN.unsqueeze(-2)).flatten(-2)
             best, idx_BTHk = grid.topk(k, dim=-1)
