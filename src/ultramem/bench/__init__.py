@@ -1,0 +1,1 @@
+"""Benchmarks (optimiser value path, training throughput); each module runs as a script."""
