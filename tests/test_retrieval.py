@@ -151,3 +151,21 @@ def test_paper_query_gain_uses_expected_top_m_mean():
 def test_norm_kinds_run(norm):
     layer = UltraMemLayer(small_cfg(norm=norm))
     assert layer(torch.randn(1, 2, 32)).shape == (1, 2, 32)
+
+
+def test_additive_score_is_pkm_style_row_plus_column():
+    torch.manual_seed(6)
+    layer = UltraMemLayer(small_cfg(score="additive", tucker_rank=1, num_cores=1, value_dim=8))
+    assert layer.retrieval.cores is None
+    x = torch.randn(2, 3, 32)
+    s_row, s_col = layer.retrieval.row_col_scores(x)  # (B, T, H, P, 1)
+    full = (s_row[..., 0].unsqueeze(-1) + s_col[..., 0].unsqueeze(-2)).flatten(-2)
+    exact = layer.retrieve(x, exact=True)
+    assert torch.equal(exact.indices.sort(-1).values, full.topk(5, -1).indices.sort(-1).values)
+    torch.testing.assert_close(exact.scores[..., 0], full.gather(-1, exact.indices))
+    # Stage 1 on the raw side scores keeps the true top-m when m1 >= m (PKM's exactness argument).
+    assert torch.equal(layer.retrieve(x).indices.sort(-1).values, exact.indices.sort(-1).values)
+    layer(x).sum().backward()
+    assert layer.aux_loss().item() == 0 and layer.memory_stats() == {}
+    with pytest.raises(ValueError, match="score: 'additive'.*tucker_rank=1"):
+        small_cfg(score="additive")

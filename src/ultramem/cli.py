@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from .experiments import cli as exp_cli
+
 SECTIONS = ("model", "data", "train")
 
 
@@ -315,6 +317,8 @@ COMMANDS = {
     "plot": ("loss curves of runs to a PNG", _plot_args, cmd_plot),
     "compare": ("train matched tiny Dense / MoE / UltraMem models side by side", _compare_args, cmd_compare),
     "bench": ("run a benchmark from ultramem.bench", _bench_args, cmd_bench),
+    "exp": ("experiment suites: write configs, run, report (see EXPERIMENTS.md)", exp_cli.add_args,
+            exp_cli.handler),
 }
 
 

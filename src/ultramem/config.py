@@ -14,6 +14,7 @@ NORM_KINDS = ("rms", "layer")
 PKM_NORM_KINDS = ("batch", "layer", "rms", "none")
 INIT_KINDS = ("paper", "authors")
 LOOKUP_KINDS = ("fused", "reference")
+SCORE_KINDS = ("tucker", "additive")
 
 
 def _fail(field: str, rule: str, value) -> None:
@@ -67,6 +68,7 @@ class UltraMemConfig(_ConfigMixin):
     dim_out: int | None = None  # default dim
     depth: int = 1  # L, number of transformer blocks; used only by the initialisation
     norm: str = "rms"  # query/key norm kind
+    score: str = "tucker"  # "tucker" (TDQKR) or "additive" (PKM's row + column; needs r = h = 1)
     query_conv: bool = False  # causal depthwise conv (kernel 3) on the input before W_q
     core_loss_coef: float = 0.0  # alpha of the optional core auxiliary loss; 0 disables it
     core_loss_tau: float = 0.15
@@ -84,6 +86,10 @@ class UltraMemConfig(_ConfigMixin):
         _choice("norm", self.norm, NORM_KINDS)
         _choice("init", self.init, INIT_KINDS)
         _choice("lookup", self.lookup, LOOKUP_KINDS)
+        _choice("score", self.score, SCORE_KINDS)
+        if self.score == "additive" and (self.tucker_rank, self.num_cores) != (1, 1):
+            _fail("score", "'additive' (PKM-style row + column) needs tucker_rank=1 and num_cores=1",
+                  f"{self.score} with tucker_rank={self.tucker_rank}, num_cores={self.num_cores}")
         root = math.isqrt(self.value_expansion)
         if root * root != self.value_expansion:
             _fail("value_expansion", "must be a perfect square (1, 4, 9, 16, ...)", self.value_expansion)

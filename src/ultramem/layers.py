@@ -89,7 +89,7 @@ class UltraMemLayer(nn.Module):
         """alpha/(r-1) * sum over heads and i >= 2 of relu(lambda_i - tau)^2 (zero when disabled)."""
         cfg = self.cfg
         if cfg.core_loss_coef == 0:
-            return self.retrieval.cores.new_zeros(())
+            return self.w_o.weight.new_zeros(())
         excess = (self.retrieval.singular_values()[:, 1:] - cfg.core_loss_tau).clamp_min(0)
         return cfg.core_loss_coef / (cfg.tucker_rank - 1) * excess.pow(2).sum()
 

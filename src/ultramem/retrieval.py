@@ -3,13 +3,22 @@
 Shape legend (suffixes on tensor names):
     B batch   T time   D model width   H retrieval heads   R Tucker rank r   C cores h
     P keys scored per side (n' = sqrt(E) * n)   Q stage-1 candidates per side (m1)   M kept (m)
-    Dk query/key width per side
+    Dk query/key width per side   S the two sides (0 = row, 1 = column)
 
 The score of virtual slot (a, b) under core c is S_row[:, a]^T C_c S_col[:, b]; slots are ranked
 by the sum over cores. Stage 1 keeps the m1 best rows and columns under the rank-1 proxy of the
 summed core (its leading singular vectors u, t); stage 2 scores the m1 x m1 surviving pairs
 exactly. Ranking runs without gradient: gradients reach queries, keys and cores only through the
 per-core scores of the kept slots, which are recomputed with autograd from the gathered rows.
+
+Speed (the decode path is latency-bound, see bench/layer_bench.py):
+- both sides are scored by one batched matmul against a (S, Dk, H*R*P) key matrix whose columns are
+  the normed keys times the query-norm gain (g_q * norm(q) . k == norm(q) . (g_q * k)), laid out
+  rank-major so that the stage-1 proxy and the gathers run over contiguous key rows;
+- without autograd that key matrix is cached (see `_key_matrix`), so a decode step does not
+  re-normalise ~10^6 key weights per call;
+- top-k over long rows goes through `_topk_idx` (an exact block-wise selection), about 2x faster
+  than one `torch.topk` over 1024 entries on CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +31,17 @@ from torch import nn
 
 from .config import UltraMemConfig
 
+# `_topk_idx` calls torch.topk directly on rows this short (cheap there), or on fewer rows than
+# this (a handful of decode rows, where the extra ops cost more than they save), or on a GPU.
+TOPK_LEAF = 128
+TOPK_MIN_ROWS = 16
+# torch's CPU topk splits its rows over threads in chunks of ~32768 entries (at::internal::
+# GRAIN_SIZE). Rows of 1024 parallelise from 32 rows on, but the blocked search's short rows only
+# from 32768 / TOPK_LEAF = 256 rows per thread; below that, with more than one thread, one
+# parallel topk beats the serial blocked one (measured: 2 threads, 256 rows of 1024: 1.2 vs 1.4 ms;
+# 512 rows: 2.3 vs 1.8 ms).
+TOPK_GRAIN = 32768
+
 
 class Retrieved(NamedTuple):
     """indices: (B, T, H, M) int64 virtual slot ids in [0, E*N); scores: (B, T, H, M, C)."""
@@ -30,7 +50,7 @@ class Retrieved(NamedTuple):
     scores: torch.Tensor
 
 
-def _norm(x: torch.Tensor, gain: torch.Tensor, kind: str) -> torch.Tensor:
+def _norm(x: torch.Tensor, gain: torch.Tensor | None, kind: str) -> torch.Tensor:
     if kind == "rms":
         return F.rms_norm(x, (x.shape[-1],), gain, eps=1e-6)
     return F.layer_norm(x, (x.shape[-1],), gain, None, eps=1e-6)
@@ -72,10 +92,13 @@ class TuckerRetrieval(nn.Module):
         self.keys_col = nn.Parameter(torch.empty(H, P, R, Dk))
         self.k_row_norm = nn.Parameter(torch.ones(Dk))
         self.k_col_norm = nn.Parameter(torch.ones(Dk))
-        self.cores = nn.Parameter(torch.empty(H, C, R, R))
+        # "additive" (an ablation rung before TDQKR) scores row + column like PKM: no cores at all.
+        self.additive = cfg.score == "additive"
+        self.cores = None if self.additive else nn.Parameter(torch.empty(H, C, R, R))
         self.register_buffer("u", torch.zeros(H, R))
         self.register_buffer("t", torch.zeros(H, R))
         self._cores_version = -1  # cores._version at the last refresh; forces a refresh on first use
+        self._key_cache: tuple[tuple, torch.Tensor] | None = None  # (stamp, key matrix), no-grad only
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_tucker(force=True))
 
     @torch.no_grad()
@@ -84,7 +107,8 @@ class TuckerRetrieval(nn.Module):
         nn.init.normal_(self.w_q.weight, std=Dk ** -0.5)
         nn.init.normal_(self.keys_row, std=Dk ** -0.5)
         nn.init.normal_(self.keys_col, std=Dk ** -0.5)
-        nn.init.uniform_(self.cores, 0.0, 1.0)
+        if self.cores is not None:
+            nn.init.uniform_(self.cores, 0.0, 1.0)
         if cfg.init == "paper":
             q_gain, k_gain = expected_topm_mean(cfg.m1, cfg.topk) ** -0.5, Dk ** -0.5
         else:
@@ -101,6 +125,13 @@ class TuckerRetrieval(nn.Module):
     @torch.no_grad()
     def refresh_tucker(self, force: bool = False) -> None:
         """Recompute the stage-1 singular vectors u, t of the summed cores (fp32 SVD, no gradient)."""
+        if force:
+            self._key_cache = None  # once per optimiser step: never trust a cache across updates
+        if self.cores is None:
+            if force:  # additive scores rank rows and columns by their own scores
+                self.u.fill_(1.0)
+                self.t.fill_(1.0)
+            return
         if not force and self.cores._version == self._cores_version:
             return
         have_prev = bool(self.u.abs().sum() > 0)
@@ -111,72 +142,139 @@ class TuckerRetrieval(nn.Module):
         self._cores_version = self.cores._version
 
     def singular_values(self) -> torch.Tensor:
-        """Singular values (H, r) of each head's summed core (differentiable)."""
+        """Singular values (H, r) of each head's summed core (differentiable; ones when additive)."""
+        if self.cores is None:
+            return self.u.new_ones(self.cfg.heads, 1)
         return torch.linalg.svdvals(self.cores.sum(1).float())
 
-    def row_col_scores(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """S_row, S_col: (B, T, H, P, R) scores of every key against the shared query."""
+    def _build_key_matrix(self) -> torch.Tensor:
+        """(S, Dk, H*R*P): normed keys times the query-norm gain, columns in (head, rank, key) order
+        (stored transposed: the (Dk, J) operand layout is ~5% faster in the CPU matmul)."""
+        cfg = self.cfg
+        k_row_HPRK = _norm(self.keys_row, self.k_row_norm * self.q_row_norm, cfg.norm)
+        k_col_HPRK = _norm(self.keys_col, self.k_col_norm * self.q_col_norm, cfg.norm)
+        keys_SKHRP = torch.stack((k_row_HPRK.permute(3, 0, 2, 1), k_col_HPRK.permute(3, 0, 2, 1)))
+        return keys_SKHRP.reshape(2, cfg.key_dim, -1)
+
+    def _key_matrix(self) -> torch.Tensor:
+        """The key matrix; cached while autograd is off (decode, eval), rebuilt when a tensor changes.
+
+        The cache is keyed on (version, storage, dtype, device) of the six tensors it is built from,
+        so in-place updates under autograd's eye, `load_state_dict`, `.to()` are all noticed. An
+        update that hides from the version counter (`p.data.add_`, fused optimisers) is covered by
+        the rules that a grad-enabled forward drops the cache and `refresh_tucker(force=True)` (once
+        per optimiser step) drops it too.
+        """
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            self._key_cache = None
+            return self._build_key_matrix()
+        params = (self.keys_row, self.keys_col, self.k_row_norm, self.k_col_norm, self.q_row_norm,
+                  self.q_col_norm)
+        stamp = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+        if self._key_cache is None or self._key_cache[0] != stamp:
+            # Built outside inference mode so the cached tensor is usable in plain no_grad code too.
+            with torch.inference_mode(False):
+                self._key_cache = (stamp, self._build_key_matrix())
+        return self._key_cache[1]
+
+    def _scores(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """Row and column scores of every key against the shared query: (S, B, T, H, R, P)."""
         cfg = self.cfg
         if self.conv is not None:
             # Causal: pad two steps on the left so step t sees t-2, t-1, t only.
             x_BDT = F.pad(x_BTD.transpose(1, 2), (2, 0))
             x_BTD = self.conv(x_BDT).transpose(1, 2)
-        q_row_BTK, q_col_BTK = self.w_q(x_BTD).chunk(2, dim=-1)
-        q_row_BTK = _norm(q_row_BTK, self.q_row_norm, cfg.norm)
-        q_col_BTK = _norm(q_col_BTK, self.q_col_norm, cfg.norm)
-        k_row = _norm(self.keys_row, self.k_row_norm, cfg.norm)
-        k_col = _norm(self.keys_col, self.k_col_norm, cfg.norm)
         B, T, _ = x_BTD.shape
-        H, P, R = cfg.heads, cfg.keys_per_side, cfg.tucker_rank
-        s_row = (q_row_BTK @ k_row.reshape(-1, cfg.key_dim).T).view(B, T, H, P, R)
-        s_col = (q_col_BTK @ k_col.reshape(-1, cfg.key_dim).T).view(B, T, H, P, R)
-        return s_row, s_col
+        q_NSK = self.w_q(x_BTD).reshape(B * T, 2, cfg.key_dim)  # (row | col) halves of W_q x
+        q_NSK = _norm(q_NSK, None, cfg.norm)  # gains live in the key matrix
+        keys_SKJ = self._key_matrix()
+        s_SNJ = torch.bmm(q_NSK.transpose(0, 1), keys_SKJ.to(q_NSK.dtype))
+        return s_SNJ.view(2, B, T, cfg.heads, cfg.tucker_rank, cfg.keys_per_side)
+
+    def row_col_scores(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """S_row, S_col: (B, T, H, P, R) scores of every key against the shared query (views)."""
+        s_SBTHRP = self._scores(x_BTD)
+        return s_SBTHRP[0].transpose(-1, -2), s_SBTHRP[1].transpose(-1, -2)
 
     def forward(self, x_BTD: torch.Tensor, exact: bool = False) -> Retrieved:
         if not torch.compiler.is_compiling():
             self.refresh_tucker()
-        s_row_BTHPR, s_col_BTHPR = self.row_col_scores(x_BTD)
+        s_SBTHRP = self._scores(x_BTD)
         if exact:
-            row_BTHM, col_BTHM = self._select_exact(s_row_BTHPR, s_col_BTHPR)
+            row_BTHM, col_BTHM = self._select_exact(s_SBTHRP)
         else:
-            row_BTHM, col_BTHM = self._select_two_stage(s_row_BTHPR, s_col_BTHPR)
-        scores_BTHMC = self._core_scores(s_row_BTHPR, s_col_BTHPR, row_BTHM, col_BTHM)
+            row_BTHM, col_BTHM = self._select_two_stage(s_SBTHRP)
+        scores_BTHMC = self._core_scores(s_SBTHRP, row_BTHM, col_BTHM)
         return Retrieved(row_BTHM * self.cfg.keys_per_side + col_BTHM, scores_BTHMC)
 
     @torch.no_grad()
-    def _select_two_stage(self, s_row_BTHPR, s_col_BTHPR):
+    def _select_two_stage(self, s_SBTHRP):
         m1, m = self.cfg.m1, self.cfg.topk
-        rho_BTHP = torch.einsum("bthpr,hr->bthp", s_row_BTHPR, self.u.to(s_row_BTHPR.dtype))
-        gam_BTHP = torch.einsum("bthpr,hr->bthp", s_col_BTHPR, self.t.to(s_col_BTHPR.dtype))
-        cand_row_BTHQ = rho_BTHP.topk(m1, dim=-1).indices
-        cand_col_BTHQ = gam_BTHP.topk(m1, dim=-1).indices
-        sr_BTHQR = _take(s_row_BTHPR, cand_row_BTHQ)
-        sc_BTHQR = _take(s_col_BTHPR, cand_col_BTHQ)
-        grid_BTHQQ = self._summed_grid(sr_BTHQR, sc_BTHQR)
-        flat_BTHM = grid_BTHQQ.flatten(-2).topk(m, dim=-1).indices
-        row_BTHM = cand_row_BTHQ.gather(-1, flat_BTHM // m1)
-        col_BTHM = cand_col_BTHQ.gather(-1, flat_BTHM % m1)
+        # Rank-1 proxies rho = u^T S_row and gamma = t^T S_col, both sides in one batched product.
+        ut_SH1R = torch.stack((self.u, self.t)).unsqueeze(-2).to(s_SBTHRP.dtype)
+        proxy_SBTHP = (ut_SH1R[:, None, None] @ s_SBTHRP).squeeze(-2)
+        cand_SBTHQ = _topk_idx(proxy_SBTHP, m1, sorted=False)
+        cand_SBTHRQ = s_SBTHRP.gather(-1, _expand_rank(cand_SBTHQ, s_SBTHRP.shape[-2]))
+        grid_BTHQQ = self._summed_grid(cand_SBTHRQ[0], cand_SBTHRQ[1])
+        flat_BTHM = _topk_idx(grid_BTHQQ.flatten(-2), m, sorted=True)
+        row_BTHM = cand_SBTHQ[0].gather(-1, flat_BTHM // m1)
+        col_BTHM = cand_SBTHQ[1].gather(-1, flat_BTHM % m1)
         return row_BTHM, col_BTHM
 
     @torch.no_grad()
-    def _select_exact(self, s_row_BTHPR, s_col_BTHPR):
+    def _select_exact(self, s_SBTHRP):
         P = self.cfg.keys_per_side
-        grid_BTHPP = self._summed_grid(s_row_BTHPR, s_col_BTHPR)
+        grid_BTHPP = self._summed_grid(s_SBTHRP[0], s_SBTHRP[1])
         flat_BTHM = grid_BTHPP.flatten(-2).topk(self.cfg.topk, dim=-1).indices
         return flat_BTHM // P, flat_BTHM % P
 
-    def _summed_grid(self, sr_BTHQR, sc_BTHQR):
-        core_HRR = self.cores.sum(1).to(sr_BTHQR.dtype)
-        left_BTHQR = torch.einsum("bthqr,hrs->bthqs", sr_BTHQR, core_HRR)
-        return left_BTHQR @ sc_BTHQR.transpose(-1, -2)
+    def _summed_grid(self, sr_BTHRQ, sc_BTHRQ):
+        """Summed-core bilinear scores of every (row, column) pair: (B, T, H, Q, Q)."""
+        if self.cores is None:
+            return sr_BTHRQ.transpose(-1, -2) + sc_BTHRQ  # R = 1: row score + column score
+        core_HRR = self.cores.sum(1).to(sr_BTHRQ.dtype)
+        return sr_BTHRQ.transpose(-1, -2) @ (core_HRR @ sc_BTHRQ)
 
-    def _core_scores(self, s_row_BTHPR, s_col_BTHPR, row_BTHM, col_BTHM):
-        sr_BTHMR = _take(s_row_BTHPR, row_BTHM)
-        sc_BTHMR = _take(s_col_BTHPR, col_BTHM)
-        return torch.einsum("bthmr,hcrs,bthms->bthmc", sr_BTHMR, self.cores.to(sr_BTHMR.dtype), sc_BTHMR)
+    def _core_scores(self, s_SBTHRP, row_BTHM, col_BTHM):
+        """Per-core scores of the kept slots, with autograd: (B, T, H, M, C)."""
+        idx_SBTHM = torch.stack((row_BTHM, col_BTHM))
+        kept_SBTHRM = s_SBTHRP.gather(-1, _expand_rank(idx_SBTHM, s_SBTHRP.shape[-2]))
+        if self.cores is None:
+            return (kept_SBTHRM[0] + kept_SBTHRM[1]).transpose(-1, -2)  # (B, T, H, M, 1)
+        # score[m, c] = sum_rs row[r, m] C_c[r, s] col[s, m]: the (r, s) outer products of the kept
+        # slots times the flattened cores, one batched matmul (an einsum of three is ~15% slower).
+        outer_BTHXM = (kept_SBTHRM[0].unsqueeze(-2) * kept_SBTHRM[1].unsqueeze(-3)).flatten(-3, -2)
+        cores_HCX = self.cores.to(outer_BTHXM.dtype).flatten(-2)
+        return (cores_HCX @ outer_BTHXM).transpose(-1, -2)
 
 
-def _take(s_BTHPR: torch.Tensor, idx_BTHM: torch.Tensor) -> torch.Tensor:
-    """Rows idx of the key axis: (B, T, H, P, R) -> (B, T, H, M, R)."""
-    R = s_BTHPR.shape[-1]
-    return s_BTHPR.gather(3, idx_BTHM.unsqueeze(-1).expand(*idx_BTHM.shape, R))
+def _expand_rank(idx_XQ: torch.Tensor, R: int) -> torch.Tensor:
+    """Key indices (..., Q) -> (..., R, Q), to gather the same keys from every rank component."""
+    return idx_XQ.unsqueeze(-2).expand(*idx_XQ.shape[:-1], R, idx_XQ.shape[-1])
+
+
+def _topk_idx(x_XL: torch.Tensor, k: int, sorted: bool) -> torch.Tensor:
+    """Indices of the k largest entries of each row (the same set as `torch.topk`, ties aside).
+
+    CPU `topk` is branchy (~9 ns per entry at L = 1024, under 1 ns at L <= 64 in a cache-warm
+    row), so long rows go through blocks: cut a row into L/w blocks (block j = entries j, j + L/w,
+    ...; strided so the block maxima are w contiguous vector maxima). An entry of the row's top k
+    lies in a block whose maximum is among the k largest block maxima - else k other blocks, each
+    holding an entry at least as large, would outrank it. So: top k of the block maxima (the same
+    way, recursively), then top k of the k*w <= TOPK_LEAF entries of those blocks.
+    L = 1024, k = 32: 1024 -> 256 maxima -> 64 maxima (topk), then two topk over 128 entries.
+    """
+    L = x_XL.shape[-1]
+    w = max(2, TOPK_LEAF // k)
+    rows = x_XL.numel() // max(L, 1)
+    threads = torch.get_num_threads()
+    serial_leaves = threads > 1 and rows * TOPK_LEAF < TOPK_GRAIN * threads
+    if L <= TOPK_LEAF or L % w or L // w < k or rows < TOPK_MIN_ROWS or serial_leaves or x_XL.is_cuda:
+        return x_XL.topk(k, dim=-1, sorted=sorted).indices
+    S = L // w
+    block_max_XS = x_XL.unflatten(-1, (w, S)).amax(-2)
+    blocks_XK = _topk_idx(block_max_XS, k, sorted=False)
+    starts_W1 = torch.arange(0, L, S, device=x_XL.device).unsqueeze(-1)
+    cand_XC = (blocks_XK.unsqueeze(-2) + starts_W1).flatten(-2)
+    best_XK = x_XL.gather(-1, cand_XC).topk(k, dim=-1, sorted=sorted).indices
+    return cand_XC.gather(-1, best_XK)

@@ -1,0 +1,51 @@
+"""`ultramem exp ...`: write suite configs, run a suite (foreground or background), report it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["configs", "run", "status", "report", "match"],
+                   help="configs: write experiments/configs/<suite>/*.json; run: train unfinished runs; "
+                        "status: done/started/pending; report: tables and plots; match: re-count sizes")
+    p.add_argument("suites", nargs="*", help="suite names (default: all for configs/report)")
+    p.add_argument("--root", default="experiments", help="experiments folder (default: experiments)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once, one process each (default 2)")
+    p.add_argument("--only", nargs="+", help="run only configs whose name contains one of these")
+    p.add_argument("--background", action="store_true", help="detach and log to <root>/logs/<suite>.log")
+
+
+def handler(a) -> int:
+    from . import report, runner, suites
+
+    root = Path(a.root)
+    names = a.suites or list(suites.SUITES)
+    for name in names:
+        if name not in suites.SUITES:
+            raise ValueError(f"suite: unknown {name!r}; allowed are {sorted(suites.SUITES)}")
+    if a.action == "configs":
+        paths = suites.write_configs(root / "configs", names)
+        print(f"wrote {len(paths)} config(s) under {root / 'configs'}")
+    elif a.action == "match":
+        for kind, c in suites.check_matching().items():
+            print(f"{kind:9s} total {c['total']:>11,} activated {c['activated']:>10,} "
+                  f"sparse {c['sparse']:>11,} FLOPs/token {c['flops_per_token']:>11,}")
+    elif a.action == "status":
+        for name in names:
+            st = runner.status(root, name)
+            print(f"{name}: " + "; ".join(f"{k} {len(v)} {v}" for k, v in st.items()))
+    elif a.action == "report":
+        for name in names:
+            print(f"wrote {report.write_report(root, name)}")
+    else:
+        if a.jobs < 1:
+            raise ValueError(f"--jobs: must be >= 1 (got {a.jobs})")
+        for name in names:
+            if a.background:
+                log = runner.start_background(root, name, a.jobs, a.only)
+                print(f"{name}: running in the background; log {log}")
+            elif runner.run_suite(root, name, a.jobs, a.only):
+                return 1
+    return 0

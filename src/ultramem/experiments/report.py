@@ -1,0 +1,152 @@
+"""Turn finished runs (experiments/results/<suite>/*.json + metrics) into markdown tables and plots.
+
+Every table row is a group of seeds: mean and spread (max - min) over the seeds that finished.
+Runs that have not finished are listed as such, never filled in.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from .runner import status
+
+# SPEC section 7: the paper's ablation (C4 val loss, 151M activated), change from the previous rung.
+PAPER_ABLATION_DELTA = {
+    "pkm": None, "rm-softmax": -0.006, "half-vdim-proj": -0.022, "share-query": +0.003,
+    "split-skip": -0.015, "qk-norm": +0.001, "ive": -0.017, "tdqkr": -0.008, "mcs": -0.003,
+    "improved-init": -0.003, "value-lr-decay": -0.022, "query-conv": 0.000,
+}
+# SPEC section 7 main table, smallest size (151M activated): val loss per kind.
+PAPER_MAIN_151M = {"dense": 2.96, "moe": 2.63, "ultramem": 2.67, "pkm": None}
+
+
+def load_results(root: Path, suite: str) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for path in sorted((root / "results" / suite).glob("*.json")):
+        r = json.loads(path.read_text())
+        groups[r["group"]].append(r)
+    return groups
+
+
+def _stat(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (max(values) - min(values) if len(values) > 1 else float("nan"))
+
+
+def _fmt(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "-"
+    mean, spread = _stat(values)
+    return f"{mean:.{digits}f}" + ("" if len(values) < 2 else f" ± {spread / 2:.{digits}f}")
+
+
+def group_table(groups: dict[str, list[dict]], order: list[str] | None = None,
+                paper: dict | None = None) -> str:
+    """One row per group: params, FLOPs, tokens, val loss, fact recall (if any), train tokens/s."""
+    has_facts = any("fact_acc" in r for rs in groups.values() for r in rs)
+    head = ["run", "seeds", "total params", "activated", "MFLOP/token", "tokens", "val loss"]
+    head += ["fact acc (seen)", "fact acc (held-out)"] if has_facts else []
+    head += ["train tok/s"] + (["paper"] if paper else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in order or sorted(groups):
+        rs = groups.get(name, [])
+        if not rs:
+            lines.append(f"| {name} | not finished |" + " |" * (len(head) - 2))
+            continue
+        p = rs[0]["params"]
+        row = [name, str(len(rs)), f"{p['total'] / 1e6:.2f}M", f"{p['activated'] / 1e6:.3f}M",
+               f"{p['flops_per_token'] / 1e6:.2f}", f"{rs[0]['tokens'] / 1e6:.1f}M",
+               _fmt([r["val_loss"] for r in rs])]
+        if has_facts:
+            row += [_fmt([r.get("fact_acc_seen", float("nan")) for r in rs], 3),
+                    _fmt([r.get("fact_acc_heldout", float("nan")) for r in rs], 3)]
+        row.append(f"{statistics.fmean(r['tokens_per_s'] for r in rs):,.0f}")
+        if paper:
+            ref = paper.get(name.split("-", 1)[-1] if name[:2].isdigit() else name)
+            row.append("-" if ref is None else f"{ref:+.3f}" if name[:2].isdigit() else f"{ref:.2f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def ablation_table(groups: dict[str, list[dict]]) -> str:
+    """The ladder: our val loss and its change from the previous rung beside the paper's change."""
+    lines = ["| rung | seeds | val loss | our delta | paper delta |", "|---|---|---|---|---|"]
+    prev = None
+    for name in sorted(groups):
+        rs = groups[name]
+        mean = statistics.fmean(r["val_loss"] for r in rs)
+        rung = name.split("-", 1)[1]
+        ours = "-" if prev is None else f"{mean - prev:+.3f}"
+        ref = PAPER_ABLATION_DELTA.get(rung)
+        lines.append(f"| {name} | {len(rs)} | {_fmt([r['val_loss'] for r in rs])} | {ours} | "
+                     f"{'-' if ref is None else f'{ref:+.3f}'} |")
+        prev = mean
+    return "\n".join(lines)
+
+
+def plot_curves(root: Path, suite: str, groups: dict[str, list[dict]], out: Path, prefix: str = "") -> Path:
+    """Train loss (smoothed) and val loss against tokens, mean over seeds, one line per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in sorted(groups):
+        if not name.startswith(prefix) or (not prefix and name.startswith("facts-")):
+            continue
+        curves_t, curves_v = [], []
+        for r in groups[name]:
+            recs = [json.loads(line) for line in
+                    (root / "results" / suite / f"{r['name']}.metrics.jsonl").read_text().splitlines()]
+            curves_t.append([(x["tokens"], x["loss"]) for x in recs if x.get("kind") == "train"])
+            tok_per_step = r["tokens"] / max(r["step"], 1)
+            curves_v.append([(x["step"] * tok_per_step, x["val_loss"])
+                             for x in recs if x.get("kind") == "eval"])
+        for ax, curves in ((ax_t, curves_t), (ax_v, curves_v)):
+            n = min(len(c) for c in curves)
+            if n == 0:
+                continue
+            xs = [curves[0][i][0] / 1e6 for i in range(n)]
+            ys = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
+            ax.plot(xs, ys, label=name, marker="o" if ax is ax_v else None, ms=3)
+    for ax, title in ((ax_t, "train loss"), (ax_v, "val loss")):
+        ax.set_xlabel("tokens (M)")
+        ax.set_title(f"{suite} {prefix.rstrip('-')}: {title} (mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_t.set_ylim(top=min(ax_t.get_ylim()[1], 8))
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(root: Path, suite: str) -> Path:
+    """results/<suite>.md with the tables, plots beside it, and the list of unfinished runs."""
+    groups = load_results(root, suite)
+    out_dir = root / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    st = status(root, suite)
+    parts = [f"# Suite `{suite}`", ""]
+    if suite == "ablation":
+        parts += [ablation_table(groups), ""]
+    text_groups = {k: v for k, v in groups.items() if not k.startswith("facts-")}
+    fact_groups = {k: v for k, v in groups.items() if k.startswith("facts-")}
+    paper = PAPER_MAIN_151M if suite == "main" else PAPER_ABLATION_DELTA if suite == "ablation" else None
+    if text_groups:
+        parts += [group_table(text_groups, paper=paper), ""]
+        png = plot_curves(root, suite, groups, out_dir / f"{suite}_loss.png")
+        parts += [f"![{suite} loss curves]({png.name})", ""]
+    if fact_groups:
+        parts += ["Generated fact corpus:", "", group_table(fact_groups), ""]
+        png = plot_curves(root, suite, groups, out_dir / f"{suite}_facts_loss.png", prefix="facts-")
+        parts += [f"![{suite} fact-corpus loss curves]({png.name})", ""]
+    unfinished = st["started"] + st["pending"]
+    parts += [f"Finished runs: {len(st['done'])}; not finished: "
+              + (", ".join(unfinished) if unfinished else "none") + "."]
+    path = out_dir / f"{suite}.md"
+    path.write_text("\n".join(parts) + "\n")
+    return path

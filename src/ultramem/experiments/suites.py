@@ -1,0 +1,132 @@
+"""The experiment suites of issue 5, as code that writes one declarative JSON config per run.
+
+`write_configs(root)` materialises experiments/configs/<suite>/<run>.json; the runner only ever
+reads those files, so a committed config is exactly what ran. Sizes are matched with
+`matching.match` once and written down below (equal activated params for all kinds; equal total
+for the sparse kinds); `check_matching` re-counts them.
+
+Scale (calibrated on 2 CPU cores, see EXPERIMENTS.md): d=128, 4 blocks, 2k BPE vocabulary,
+sequences of 128, batches of 32 (4,096 tokens a step).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .matching import counts_for
+
+PD_ENGLISH = "../shared/data/pd-english"
+VOCAB, SEQ = 2048, 128
+SEEDS = (0, 1)
+
+DATA_TEXT = {"source": "text", "train_path": f"{PD_ENGLISH}/train", "val_path": f"{PD_ENGLISH}/val",
+             "vocab_size": VOCAB}
+DATA_FACTS = {"source": "facts", "num_people": 800, "vocab_size": 1024}
+TRAIN = {"steps": 1300, "batch_size": 32, "seq_len": SEQ, "lr": 3e-3, "warmup_steps": 60,
+         "min_lr_ratio": 0.1, "weight_decay": 0.1, "grad_clip": 1.0, "eval_every": 260,
+         "eval_windows": 64, "log_every": 20, "ckpt_every": 260, "value_lr_mult": 4.0,
+         "value_lr_decay_frac": 0.25, "threads": 1, "progress": False}
+
+BASE = {"dim": 128, "n_layers": 4, "n_heads": 4}
+# Matched with matching.match (re-check with `ultramem exp match`): activated 1.05M for all four
+# (within 0.2%), total 12.83M for MoE / PKM / UltraMem (within 0.05%), sparse ~x11 the activated.
+DENSE = {**BASE, "ffn": "dense", "ffn_hidden": 512}
+MOE = {**BASE, "ffn": "moe", "moe_experts": 32, "moe_topk": 2, "moe_hidden": 250}
+ULTRAMEM = {**BASE, "ffn": "ultramem", "ffn_hidden": 256, "memory_placement": "0:1/2:3",
+            "memory": {"num_keys": 300, "key_dim": 32, "value_dim": 64, "heads": 2, "topk": 16,
+                       "tucker_rank": 2, "num_cores": 2, "value_expansion": 4}}
+PKM = {**BASE, "ffn": "pkm", "ffn_hidden": 436, "memory_placement": "2:2",
+       "memory": {"num_keys": 300, "key_dim": 64, "heads": 4, "topk": 16}}
+MATCHED = {"dense": DENSE, "moe": MOE, "pkm": PKM, "ultramem": ULTRAMEM}
+
+
+def _run(name: str, model: dict, data: dict, seed: int, **train) -> dict:
+    return {"name": f"{name}-s{seed}", "group": name, "seed": seed, "model": model,
+            "data": dict(data), "train": {**TRAIN, "seed": seed, **train}}
+
+
+def check_matching(vocab: int = VOCAB, tol: float = 0.01) -> dict[str, dict]:
+    """Counts of the four main models; raises if activated or sparse-kind totals differ by > tol."""
+    counts = {kind: counts_for(model, vocab, SEQ) for kind, model in MATCHED.items()}
+    ref_act, ref_total = counts["dense"]["activated"], counts["moe"]["total"]
+    for kind, c in counts.items():
+        if abs(c["activated"] / ref_act - 1) > tol:
+            raise ValueError(f"{kind}: activated {c['activated']} vs dense {ref_act}: not matched")
+        if kind != "dense" and abs(c["total"] / ref_total - 1) > tol:
+            raise ValueError(f"{kind}: total {c['total']} vs moe {ref_total}: not matched")
+    return counts
+
+
+def main_suite() -> list[dict]:
+    runs = []
+    for data, tag in ((DATA_TEXT, ""), (DATA_FACTS, "facts-")):
+        # The fact corpus is ~4x smaller than pd-english: half the steps still see it ~6 times.
+        extra = {"fact_queries": 400, "steps": 650, "eval_every": 130, "ckpt_every": 130} if tag else {}
+        for kind, model in MATCHED.items():
+            runs += [_run(f"{tag}{kind}", model, data, s, **extra) for s in SEEDS]
+    return runs
+
+
+def ablation_rungs() -> list[tuple[str, dict, dict]]:
+    """(rung name, model dict, train overrides): the paper's ladder, one change at a time.
+
+    Rungs 1-6 are PKM layers (one big memory, then split with skip); from "+IVE" on the layer is an
+    UltraMemLayer whose features are switched on one by one. Value counts are held at ~the same
+    total so each rung changes one thing."""
+    pkm_mem = {"num_keys": 362, "key_dim": 64, "heads": 2, "topk": 16, "query_norm": "batch"}
+    one_big = {**BASE, "ffn": "pkm", "ffn_hidden": 384, "memory_placement": "2:2"}
+    split = {**BASE, "ffn": "pkm", "ffn_hidden": 384, "memory_placement": "0:1/2:3"}
+    half = {"value_dim": 64}
+    rungs = [
+        ("pkm", {**one_big, "memory": dict(pkm_mem)}, {"value_lr_mult": 1.0}),
+        ("rm-softmax", {**one_big, "memory": {**pkm_mem, "softmax": False}}, {"value_lr_mult": 1.0}),
+        ("half-vdim-proj", {**one_big, "memory": {**pkm_mem, "softmax": False, **half, "num_keys": 512}},
+         {"value_lr_mult": 1.0}),
+        ("share-query", {**one_big, "memory": {**pkm_mem, "softmax": False, **half, "num_keys": 512,
+                                               "share_query": True}}, {"value_lr_mult": 1.0}),
+        ("split-skip", {**split, "memory": {**pkm_mem, "softmax": False, **half, "num_keys": 362,
+                                            "share_query": True}}, {"value_lr_mult": 1.0}),
+        ("qk-norm", {**split, "memory": {**pkm_mem, "softmax": False, **half, "num_keys": 362,
+                                         "share_query": True, "query_norm": "rms", "key_norm": True}},
+         {"value_lr_mult": 1.0}),
+    ]
+    um = {"num_keys": 362, "key_dim": 32, "value_dim": 64, "heads": 2, "topk": 16, "score": "additive",
+          "tucker_rank": 1, "num_cores": 1, "value_expansion": 4, "init": "authors"}
+    um_model = {**BASE, "ffn": "ultramem", "ffn_hidden": 384, "memory_placement": "0:1/2:3"}
+    steps = [
+        ("ive", {}),
+        ("tdqkr", {"score": "tucker", "tucker_rank": 2}),
+        ("mcs", {"num_cores": 2}),
+        ("improved-init", {"init": "paper"}),
+    ]
+    mem = dict(um)
+    for name, change in steps:
+        mem = {**mem, **change}
+        rungs.append((name, {**um_model, "memory": dict(mem)}, {"value_lr_mult": 1.0}))
+    rungs.append(("value-lr-decay", {**um_model, "memory": dict(mem)}, {}))
+    rungs.append(("query-conv", {**um_model, "memory": {**mem, "query_conv": True}}, {}))
+    return rungs
+
+
+def ablation_suite(seeds=SEEDS) -> list[dict]:
+    return [_run(f"{i:02d}-{name}", model, DATA_TEXT, s, **over)
+            for i, (name, model, over) in enumerate(ablation_rungs(), 1) for s in seeds]
+
+
+SUITES = {"main": main_suite, "ablation": ablation_suite}
+
+
+def write_configs(root: str | Path, suites=None) -> list[Path]:
+    """Write experiments/configs/<suite>/<run>.json for the named suites (all by default)."""
+    written = []
+    for suite in suites or SUITES:
+        if suite not in SUITES:
+            raise ValueError(f"suite: unknown {suite!r}; allowed are {sorted(SUITES)}")
+        folder = Path(root) / suite
+        folder.mkdir(parents=True, exist_ok=True)
+        for run in SUITES[suite]():
+            path = folder / f"{run['name']}.json"
+            path.write_text(json.dumps(run, indent=1) + "\n")
+            written.append(path)
+    return written
