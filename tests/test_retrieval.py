@@ -169,3 +169,10 @@ def test_additive_score_is_pkm_style_row_plus_column():
     assert layer.aux_loss().item() == 0 and layer.memory_stats() == {}
     with pytest.raises(ValueError, match="score: 'additive'.*tucker_rank=1"):
         small_cfg(score="additive")
+
+
+def test_paper_init_stays_finite_when_topk_fills_the_stage2_grid():
+    layer = UltraMemLayer(small_cfg(topk=9, stage1_topk=3))  # m = m1^2: E[Y] ~ 0
+    gain = layer.retrieval.q_row_norm
+    assert torch.isfinite(gain).all() and gain.max() <= 2.0
+    assert torch.isfinite(layer(torch.randn(1, 2, 32))).all()

@@ -26,3 +26,47 @@ def used_rows(layer: UltraMemLayer | PKMLayer, x_BTD: torch.Tensor) -> torch.Ten
     mask = torch.zeros(layer.values.num_rows, dtype=torch.bool, device=idx.device)
     mask[idx] = True
     return mask
+
+
+class MemoryProbe:
+    """Forward-pre hooks on a model's memory layers that record, while active, which value rows
+    their inputs read (union over batches) and the two-stage recall on the first few tokens.
+
+    with MemoryProbe(model, recall_tokens=32) as probe:
+        ... run evaluation batches through model ...
+    probe.stats() -> {"mem0_recall": ..., "mem0_rows_used": ..., ...}
+    """
+
+    def __init__(self, model, recall_tokens: int = 32):
+        self.layers = list(model.memory_layers())
+        self.recall_tokens = recall_tokens
+        self.used = [None] * len(self.layers)
+        self.recall = [None] * len(self.layers)
+        self.handles = []
+
+    def _hook(self, i):
+        def hook(layer, args):
+            x = args[0]
+            mask = used_rows(layer, x)
+            self.used[i] = mask if self.used[i] is None else self.used[i] | mask
+            if self.recall[i] is None:
+                flat = x.reshape(1, -1, x.shape[-1])[:, : self.recall_tokens]
+                self.recall[i] = retrieval_recall(layer, flat)
+        return hook
+
+    def __enter__(self):
+        self.handles = [layer.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def stats(self) -> dict[str, float]:
+        out = {}
+        for i, (mask, rec) in enumerate(zip(self.used, self.recall, strict=True)):
+            if mask is not None:
+                out[f"mem{i}_rows_used"] = mask.float().mean().item()
+                out[f"mem{i}_recall"] = rec
+        return out

@@ -110,7 +110,9 @@ class TuckerRetrieval(nn.Module):
         if self.cores is not None:
             nn.init.uniform_(self.cores, 0.0, 1.0)
         if cfg.init == "paper":
-            q_gain, k_gain = expected_topm_mean(cfg.m1, cfg.topk) ** -0.5, Dk ** -0.5
+            # E[Y] -> 0 as m approaches m1^2 (the mean of nearly all draws): floor it so the gain
+            # stays finite (<= 2) instead of blowing up or going complex.
+            q_gain, k_gain = max(expected_topm_mean(cfg.m1, cfg.topk), 0.25) ** -0.5, Dk ** -0.5
         else:
             q_gain = k_gain = Dk ** -0.33
         for gain, value in ((self.q_row_norm, q_gain), (self.q_col_norm, q_gain),

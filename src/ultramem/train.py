@@ -40,6 +40,7 @@ from .checkpoint import (
 )
 from .counting import count_params, format_counts
 from .data import DataConfig, TrainBatchSampler, ValBatches, fact_recall_accuracy, prepare_data
+from .diagnostics import MemoryProbe
 from .model import LanguageModel, LMConfig
 from .optim import build_optimizer, clip_grad_norm
 
@@ -77,6 +78,7 @@ class TrainConfig:
     resume: bool = False  # continue from out_dir/checkpoint.safetensors when it exists
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps; resume later
     progress: bool = True  # tqdm bar
+    memory_diagnostics: bool = True  # at eval: retrieval recall and share of value rows read
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "log_every", "eval_windows", "fact_max_new_tokens"):
@@ -234,12 +236,16 @@ def evaluate(model, data, tc: TrainConfig, amp) -> dict:
             seq_len = min(tc.seq_len, len(data.val) - 1)
             total, count = 0.0, 0
             val = ValBatches(data.val, tc.batch_size, seq_len, max_windows=tc.eval_windows, device=device)
-            for x, y in val:
-                with amp:
-                    _, loss = model(x, y)
-                total += loss.item() * y.numel()
-                count += y.numel()
+            probe = MemoryProbe(model) if tc.memory_diagnostics else nullcontext()
+            with probe:
+                for x, y in val:
+                    with amp:
+                        _, loss = model(x, y)
+                    total += loss.item() * y.numel()
+                    count += y.numel()
             out = {"val_loss": total / count}
+            if tc.memory_diagnostics:  # two-stage recall vs exact, share of value rows read
+                out.update(probe.stats())
             if data.fact_queries and tc.fact_queries:
                 queries = data.fact_queries[: tc.fact_queries]
                 out.update(fact_recall(model, data, queries, tc.fact_max_new_tokens, amp))

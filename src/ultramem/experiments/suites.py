@@ -114,7 +114,36 @@ def ablation_suite(seeds=SEEDS) -> list[dict]:
             for i, (name, model, over) in enumerate(ablation_rungs(), 1) for s in seeds]
 
 
-SUITES = {"main": main_suite, "ablation": ablation_suite}
+def sweeps_suite() -> list[dict]:
+    """IVE E, Tucker rank r and cores h around the main UltraMem model (physical values fixed)."""
+    runs = []
+    changes = [("ive-E1", {"value_expansion": 1}), ("ive-E9", {"value_expansion": 9}),
+               ("ive-E16", {"value_expansion": 16}), ("rank-r1", {"tucker_rank": 1}),
+               ("rank-r3", {"tucker_rank": 3}), ("cores-h1", {"num_cores": 1}),
+               ("cores-h4", {"num_cores": 4}), ("base-E4-r2-h2", {})]
+    for name, change in changes:
+        model = {**ULTRAMEM, "memory": {**ULTRAMEM["memory"], **change}}
+        runs += [_run(name, model, DATA_TEXT, s) for s in SEEDS]
+    return runs
+
+
+def scaling_suite() -> list[dict]:
+    """Sparse/dense ratio 2..32 at two fixed sparsities (physical values / values read per token).
+
+    ratio = value params / dense activated params (1.05M); two layers of D_v = 64 values, so
+    N = ratio * 1.05M / 128 rows a layer; top-m = N / (heads * sparsity)."""
+    runs = []
+    for sparsity in (512, 2048):
+        for ratio in (2, 4, 8, 16, 32):
+            n = round((ratio * 1_049_728 / 128) ** 0.5)
+            m = max(1, round(n * n / (2 * sparsity)))
+            mem = {**ULTRAMEM["memory"], "num_keys": n, "topk": m}
+            runs += [_run(f"sp{sparsity}-x{ratio:02d}", {**ULTRAMEM, "memory": mem}, DATA_TEXT, s)
+                     for s in SEEDS]
+    return runs
+
+
+SUITES = {"main": main_suite, "ablation": ablation_suite, "sweeps": sweeps_suite, "scaling": scaling_suite}
 
 
 def write_configs(root: str | Path, suites=None) -> list[Path]:

@@ -1,0 +1,41 @@
+"""Retrieval recall and value-row usage probes."""
+
+import torch
+
+from ultramem import UltraMemConfig, UltraMemLayer, retrieval_recall, used_rows
+from ultramem.diagnostics import MemoryProbe
+from ultramem.model import LanguageModel, LMConfig
+
+
+def test_used_rows_marks_exactly_the_physical_rows_read():
+    torch.manual_seed(0)
+    layer = UltraMemLayer(UltraMemConfig(dim=16, num_keys=4, key_dim=8, value_dim=8, topk=3))
+    x = torch.randn(1, 2, 16)
+    idx = layer.retrieve(x).indices.reshape(-1)
+    expected = torch.zeros(16, dtype=torch.bool)
+    expected[layer.perm[idx] % 16] = True
+    assert torch.equal(used_rows(layer, x), expected)
+
+
+def test_recall_drops_when_stage_one_filters_hard():
+    torch.manual_seed(1)
+    cfg = UltraMemConfig(dim=16, num_keys=8, key_dim=8, value_dim=8, topk=16, stage1_topk=4,
+                         tucker_rank=3)
+    layer = UltraMemLayer(cfg)
+    x = torch.randn(2, 8, 16)
+    r = retrieval_recall(layer, x)
+    assert 0 < r < 1  # a 4x4 candidate grid cannot always hold the true top-16 of 16x16
+    assert retrieval_recall(UltraMemLayer(cfg.replace(stage1_topk=16)), x) == 1.0
+
+
+def test_memory_probe_on_a_model():
+    torch.manual_seed(2)
+    cfg = LMConfig(vocab_size=50, dim=16, n_layers=2, n_heads=2, max_seq_len=8, ffn="ultramem",
+                   memory_placement="0:1", memory={"num_keys": 4, "key_dim": 8, "value_dim": 8, "topk": 2})
+    model = LanguageModel(cfg).eval()
+    with torch.no_grad(), MemoryProbe(model, recall_tokens=4) as probe:
+        model(torch.randint(0, 50, (2, 8)))
+    stats = probe.stats()
+    assert set(stats) == {"mem0_rows_used", "mem0_recall"}
+    assert 0 < stats["mem0_rows_used"] <= 1 and 0 <= stats["mem0_recall"] <= 1
+    assert not model.memory_layers()[0]._forward_pre_hooks  # hooks removed on exit
