@@ -1,0 +1,100 @@
+"""Training throughput of matched models: tokens/s of one full optimiser step (forward, backward,
+clip, AdamW step, refresh_tucker), interleaved across models so a busy spell hits all alike.
+
+    python -m ultramem.bench.train_bench [--models tiny|main] [--threads 2] [--budget 20]
+    ultramem bench train ...
+
+`tiny` = the presets of `ultramem compare` (d=64); `main` = the experiment suite's matched models
+(d=128, experiments/suites.py). Prints a table and one JSON line last; target (issue 3): UltraMem
+at least 0.6x the dense model's tokens/s at equal activated params.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from ..counting import count_params
+from ..model import LanguageModel, LMConfig
+from ..optim import build_optimizer, clip_grad_norm
+from .common import Clock, markdown_table, spread, time_interleaved
+
+TARGET_RATIO = 0.6
+
+
+def model_sets(name: str) -> tuple[dict[str, dict], int, int, int]:
+    """(model dicts, vocab, batch, seq) of a named set."""
+    if name == "tiny":
+        from ..presets import DATA, MODELS, TRAIN
+
+        return MODELS, DATA["vocab_size"], TRAIN["batch_size"], TRAIN["seq_len"]
+    if name == "main":
+        from ..experiments.suites import MATCHED, SEQ, TRAIN, VOCAB
+
+        return MATCHED, VOCAB, TRAIN["batch_size"], SEQ
+    raise ValueError(f"--models: must be 'tiny' or 'main' (got {name!r})")
+
+
+def make_step(model: LanguageModel, vocab: int):
+    opt = build_optimizer(model, lr=1e-3, total_steps=10_000, warmup_steps=0)
+
+    def step(batch):
+        x, y = batch
+        _, loss = model(x, y)
+        loss = loss + sum(model.aux_losses().values(), loss.new_zeros(()))
+        loss.backward()
+        clip_grad_norm(opt.params(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.refresh_tucker()
+
+    return step
+
+
+def run(models: str = "tiny", threads: int = 2, budget: float = 20.0, reps: int = 30) -> dict:
+    torch.set_num_threads(threads)
+    dicts, vocab, batch, seq = model_sets(models)
+    torch.manual_seed(0)
+    steps, counts = {}, {}
+    for kind, d in dicts.items():
+        m = LanguageModel(LMConfig.from_dict({**d, "vocab_size": vocab, "max_seq_len": seq}))
+        m.train()
+        steps[kind], counts[kind] = make_step(m, vocab), count_params(m, seq)
+    gen = torch.Generator().manual_seed(1)
+    inputs = [(torch.randint(0, vocab, (batch, seq), generator=gen),
+               torch.randint(0, vocab, (batch, seq), generator=gen)) for _ in range(reps)]
+    times = time_interleaved(steps, inputs, Clock(torch.device("cpu")), warmup=2, min_reps=5,
+                             budget_s=budget)
+    tokens = batch * seq
+    rows, result = [], {"models": models, "threads": threads, "batch": batch, "seq": seq, "runs": {}}
+    dense_tps = tokens / (spread(times["dense"])["median_ms"] / 1e3) if "dense" in times else None
+    for kind, ts in times.items():
+        s = spread(ts)
+        tps = tokens / (s["median_ms"] / 1e3)
+        ratio = tps / dense_tps if dense_tps else None
+        result["runs"][kind] = {**s, "tokens_per_s": tps, "vs_dense": ratio, "total": counts[kind]["total"],
+                                "activated": counts[kind]["activated"]}
+        rows.append([kind, f"{counts[kind]['total']:,}", f"{counts[kind]['activated']:,}",
+                     f"{s['median_ms']:.1f}", f"{s['p25_ms']:.1f}-{s['p75_ms']:.1f}", f"{tps:,.0f}",
+                     "-" if ratio is None else f"{ratio:.2f}x"])
+    um = result["runs"].get("ultramem", {}).get("vs_dense")
+    result["target"] = {"ultramem_vs_dense": um, "target": TARGET_RATIO,
+                        "met": None if um is None else um >= TARGET_RATIO}
+    print(markdown_table(["model", "total", "activated", "step ms", "p25-p75", "tokens/s", "vs dense"], rows))
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="ultramem bench train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="tiny", help="tiny (compare presets) or main (experiment models)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--budget", type=float, default=20.0, help="seconds of timed repeats")
+    a = p.parse_args(argv)
+    print(json.dumps(run(a.models, a.threads, a.budget)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
