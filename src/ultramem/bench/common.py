@@ -202,3 +202,14 @@ def generation_speed(models: dict, batches: Sequence[int], prompt_len: int, new_
             out.append({"models": label, "name": n, "B": B, "new_tokens": new_tokens, "prompt": prompt_len,
                         **s, "tokens_per_s": B * new_tokens / (s["median_ms"] / 1e3)})
     return out
+
+
+def pkm_peer_rows_read(peer, x: torch.Tensor) -> int:
+    """Distinct value rows a `product-key-memory` layer reads for x (its values embedding's input)."""
+    seen = []
+    hook = peer.values.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0]))
+    try:
+        peer(x)
+    finally:
+        hook.remove()
+    return int(torch.unique(seen[0]).numel())

@@ -199,13 +199,7 @@ def _peer_bytes(module: str, peer, lb, elsize):
             idx = peer(x)[1]
             heads = torch.arange(idx.shape[0], device=idx.device).view(-1, *([1] * (idx.ndim - 1)))
             return int(torch.unique(heads * peer.num_virtual_mems + idx).numel())
-        seen = []
-        hook = peer.values.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0]))
-        try:
-            peer(x)
-        finally:
-            hook.remove()
-        return int(torch.unique(seen[0]).numel())
+        return common.pkm_peer_rows_read(peer, x)
 
     def bytes_fn(x):
         n = rows(x)

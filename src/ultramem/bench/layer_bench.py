@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from ultramem import PKMConfig, PKMLayer, UltraMemConfig, UltraMemLayer, used_rows
+from ultramem.bench.common import pkm_peer_rows_read, quantile
 from ultramem.ffn import SwiGLU
 
 TARGET_SPEEDUP_VS_ULTRA_MEM = 3.0
@@ -179,13 +180,7 @@ def _peer_pkm(dim: int, pkm: dict) -> Candidate:
     peer = PKM(**cfg)
 
     def rows(x: torch.Tensor) -> int:
-        seen = []
-        hook = peer.values.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0]))
-        try:
-            peer(x)
-        finally:
-            hook.remove()
-        return int(seen[0].unique().numel())
+        return pkm_peer_rows_read(peer, x)
 
     return Candidate("pkm_peer", peer, peer, cfg, [peer.values.weight], pkm["heads"] * pkm["topk"],
                      dim * 4, rows)
@@ -275,23 +270,15 @@ def time_interleaved(cands: list[Candidate], mode: str, xs: list[torch.Tensor], 
     return times
 
 
-def _quantile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def summarise(c: Candidate, mode: str, B: int, T: int, ts: tuple[list[float], list[float]],
               bytes_read: int) -> dict:
     wall, cpu = ts
-    med = _quantile(wall, 0.5)
+    med = quantile(wall, 0.5)
     tokens = B * T
     return {"name": c.name, "mode": mode, "B": B, "T": T, "reps": len(wall),
-            "median_ms": med * 1e3, "p25_ms": _quantile(wall, 0.25) * 1e3,
-            "p75_ms": _quantile(wall, 0.75) * 1e3, "min_ms": min(wall) * 1e3,
-            "cpu_median_ms": _quantile(cpu, 0.5) * 1e3,
+            "median_ms": med * 1e3, "p25_ms": quantile(wall, 0.25) * 1e3,
+            "p75_ms": quantile(wall, 0.75) * 1e3, "min_ms": min(wall) * 1e3,
+            "cpu_median_ms": quantile(cpu, 0.5) * 1e3,
             "tokens_per_s": tokens / med, "rows_per_s": tokens * c.rows_per_token / med,
             "bytes_read": bytes_read, "bytes_per_s": bytes_read / med}
 
