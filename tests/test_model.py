@@ -116,6 +116,20 @@ def test_kv_cache_decode_equals_full_forward(kind):
     torch.testing.assert_close(stepped, full, atol=1e-9, rtol=1e-7)
 
 
+def test_kv_cache_decode_with_query_conv_equals_full_forward():
+    model = model_of("ultramem", memory=dict(MEM, query_conv=True)).double().eval()
+    idx = torch.randint(0, 48, (2, 12))
+    full, _ = model(idx)
+    stepped = _decode_in_chunks(model, idx, [5, 3, 1, 1, 1, 1])
+    torch.testing.assert_close(stepped, full, atol=1e-9, rtol=1e-7)
+    # Without the carried inputs the conv would see zeros: decoding must really use the state.
+    cache = model.new_kv_cache(2, 12)
+    model(idx[:, :5], kv_cache=cache)
+    cache.memory_state.clear()
+    wrong, _ = model(idx[:, 5:6], kv_cache=cache)
+    assert not torch.allclose(wrong[:, 0], full[:, 5])
+
+
 def test_kv_cache_errors():
     model = model_of()
     cache = model.new_kv_cache(2, 6)

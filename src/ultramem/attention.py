@@ -36,6 +36,7 @@ class KVCache:
         self.batch_size, self.max_len, self.pos = batch_size, max_len, 0
         self.k: list[torch.Tensor | None] = [None] * n_layers
         self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.memory_state: dict[int, object] = {}  # per memory layer (query-conv inputs), set by the model
 
     def update(self, layer: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor):
         """Store the new keys/values at [pos, pos+T) and return all S = pos+T of them."""

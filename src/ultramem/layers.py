@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PKMConfig, UltraMemConfig
-from .retrieval import Retrieved, TuckerRetrieval
+from .retrieval import ConvState, Retrieved, TuckerRetrieval
 from .values import ValueTable
 
 
@@ -68,11 +68,12 @@ class UltraMemLayer(nn.Module):
         _check_input(x_BTD, self.cfg.dim, "UltraMemLayer.retrieve", False)
         return self.retrieval(x_BTD, exact=exact)
 
-    def forward(self, x_BTD: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, exact: bool = False, conv_state: ConvState | None = None):
+        """conv_state: with query_conv, carries the last inputs between decode steps (KV-cache use)."""
         cfg = self.cfg
         _check_input(x_BTD, cfg.dim, "UltraMemLayer", self.training)
         B, T, _ = x_BTD.shape
-        idx_BTHM, scores_BTHMC = self.retrieval(x_BTD, exact=exact)
+        idx_BTHM, scores_BTHMC = self.retrieval(x_BTD, exact=exact, conv_state=conv_state)
         # IVE: virtual slot -> (block g, physical row i) through the fixed permutation.
         phys_TK = self.perm[idx_BTHM.reshape(B * T, -1)]
         block_TK = torch.div(phys_TK, cfg.num_values, rounding_mode="floor")

@@ -25,6 +25,7 @@ from .attention import CausalSelfAttention, KVCache, rotary_tables
 from .config import PKMConfig, UltraMemConfig
 from .ffn import MoE, SwiGLU
 from .layers import PKMLayer, UltraMemLayer
+from .retrieval import ConvState
 
 FFN_KINDS = ("dense", "moe", "pkm", "ultramem")
 MEMORY_KINDS = {"pkm": (PKMConfig, PKMLayer), "ultramem": (UltraMemConfig, UltraMemLayer)}
@@ -229,7 +230,12 @@ class LanguageModel(nn.Module):
         for n, blk in enumerate(self.blocks):
             x_BTD, u_BTD = blk(x_BTD, cos, sin, kv_cache, n)
             if n in self._reads:
-                pending = self.memory[self._reads[n]](u_BTD)
+                mem = self.memory[self._reads[n]]
+                if kv_cache is not None and getattr(mem.cfg, "query_conv", False):
+                    state = kv_cache.memory_state.setdefault(self._reads[n], ConvState())
+                    pending = mem(u_BTD, conv_state=state)
+                else:
+                    pending = mem(u_BTD)
             if n in self._writes:
                 x_BTD = x_BTD + self.drop(pending.to(x_BTD.dtype))
                 pending = None
@@ -250,9 +256,6 @@ class LanguageModel(nn.Module):
         if kv_cache.batch_size != batch or end > kv_cache.max_len:
             raise ValueError(f"kv_cache: holds {kv_cache.batch_size} sequences of {kv_cache.max_len} "
                              f"positions; got batch {batch} reaching position {end}")
-        if any(getattr(m.cfg, "query_conv", False) for m in self.memory):
-            raise ValueError("kv_cache: memory.query_conv=True needs past inputs the cache does not keep; "
-                             "decode with the full forward instead")
 
     def memory_layers(self) -> list[nn.Module]:
         return list(self.memory)

@@ -77,6 +77,13 @@ def expected_topm_mean(m1: int, m: int, samples: int = 256, seed: int = 0) -> fl
     return draws.topk(m, dim=-1).values.mean().item()
 
 
+class ConvState:
+    """The last two inputs of the causal query conv, kept between decode steps (one per layer)."""
+
+    def __init__(self):
+        self.past: torch.Tensor | None = None  # (B, D, 2)
+
+
 class TuckerRetrieval(nn.Module):
     """Shared row/column query, normed per-head keys with r rank components, h Tucker cores."""
 
@@ -179,12 +186,21 @@ class TuckerRetrieval(nn.Module):
                 self._key_cache = (stamp, self._build_key_matrix())
         return self._key_cache[1]
 
-    def _scores(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def _scores(self, x_BTD: torch.Tensor, conv_state: ConvState | None = None) -> torch.Tensor:
         """Row and column scores of every key against the shared query: (S, B, T, H, R, P)."""
         cfg = self.cfg
         if self.conv is not None:
-            # Causal: pad two steps on the left so step t sees t-2, t-1, t only.
-            x_BDT = F.pad(x_BTD.transpose(1, 2), (2, 0))
+            # Causal: two steps on the left (zeros, or the previous inputs when decoding step by
+            # step) so step t sees t-2, t-1, t only.
+            x_BDT = x_BTD.transpose(1, 2)
+            if conv_state is None:
+                x_BDT = F.pad(x_BDT, (2, 0))
+            else:
+                past_BD2 = conv_state.past
+                if past_BD2 is None:
+                    past_BD2 = x_BDT.new_zeros(*x_BDT.shape[:2], 2)
+                x_BDT = torch.cat((past_BD2.to(x_BDT.dtype), x_BDT), dim=-1)
+                conv_state.past = x_BDT[..., -2:].detach()
             x_BTD = self.conv(x_BDT).transpose(1, 2)
         B, T, _ = x_BTD.shape
         q_NSK = self.w_q(x_BTD).reshape(B * T, 2, cfg.key_dim)  # (row | col) halves of W_q x
@@ -198,10 +214,11 @@ class TuckerRetrieval(nn.Module):
         s_SBTHRP = self._scores(x_BTD)
         return s_SBTHRP[0].transpose(-1, -2), s_SBTHRP[1].transpose(-1, -2)
 
-    def forward(self, x_BTD: torch.Tensor, exact: bool = False) -> Retrieved:
+    def forward(self, x_BTD: torch.Tensor, exact: bool = False,
+                conv_state: ConvState | None = None) -> Retrieved:
         if not torch.compiler.is_compiling():
             self.refresh_tucker()
-        s_SBTHRP = self._scores(x_BTD)
+        s_SBTHRP = self._scores(x_BTD, conv_state)
         if exact:
             row_BTHM, col_BTHM = self._select_exact(s_SBTHRP)
         else:
