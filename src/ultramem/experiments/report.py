@@ -43,12 +43,15 @@ def _fmt(values: list[float], digits: int = 3) -> str:
 
 
 def group_table(groups: dict[str, list[dict]], order: list[str] | None = None,
-                paper: dict | None = None) -> str:
+                paper: dict | None = None, paper_label: str = "paper") -> str:
     """One row per group: params, FLOPs, tokens, val loss, fact recall (if any), train tokens/s."""
     has_facts = any("fact_acc" in r for rs in groups.values() for r in rs)
     head = ["run", "seeds", "total params", "activated", "MFLOP/token", "tokens", "val loss"]
     head += ["fact acc (seen)", "fact acc (held-out)"] if has_facts else []
-    head += ["train tok/s"] + (["paper"] if paper else [])
+    base = groups.get("dense") or groups.get("facts-dense")
+    base_loss = statistics.fmean(r["val_loss"] for r in base) if base else None
+    head += ["train tok/s"] + (["Δ val loss vs dense"] if base_loss is not None else [])
+    head += [paper_label] if paper else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in order or sorted(groups):
         rs = groups.get(name, [])
@@ -63,9 +66,13 @@ def group_table(groups: dict[str, list[dict]], order: list[str] | None = None,
             row += [_fmt([r.get("fact_acc_seen", float("nan")) for r in rs], 3),
                     _fmt([r.get("fact_acc_heldout", float("nan")) for r in rs], 3)]
         row.append(f"{statistics.fmean(r['tokens_per_s'] for r in rs):,.0f}")
+        if base_loss is not None:
+            row.append(f"{statistics.fmean(r['val_loss'] for r in rs) - base_loss:+.3f}")
         if paper:
             ref = paper.get(name.split("-", 1)[-1] if name[:2].isdigit() else name)
-            row.append("-" if ref is None else f"{ref:+.3f}" if name[:2].isdigit() else f"{ref:.2f}")
+            if ref is not None and not name[:2].isdigit() and paper.get("dense") is not None:
+                ref -= paper["dense"]  # the paper's gap to its dense model, comparable to ours
+            row.append("-" if ref is None else f"{ref:+.3f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -137,7 +144,9 @@ def write_report(root: Path, suite: str) -> Path:
     fact_groups = {k: v for k, v in groups.items() if k.startswith("facts-")}
     paper = PAPER_MAIN_151M if suite == "main" else PAPER_ABLATION_DELTA if suite == "ablation" else None
     if text_groups:
-        parts += [group_table(text_groups, paper=paper), ""]
+        label = ("paper Δ vs dense (C4, 151M activated, 1T tokens)" if suite == "main"
+                 else "paper Δ from previous rung")
+        parts += [group_table(text_groups, paper=paper, paper_label=label), ""]
         png = plot_curves(root, suite, groups, out_dir / f"{suite}_loss.png")
         parts += [f"![{suite} loss curves]({png.name})", ""]
     if fact_groups:
