@@ -18,11 +18,12 @@ Speed (the decode path is latency-bound, see bench/layer_bench.py):
 - without autograd that key matrix is cached (see `_key_matrix`), so a decode step does not
   re-normalise ~10^6 key weights per call;
 - top-k over long rows goes through `_topk_idx` (an exact block-wise selection), about 2x faster
-  than one `torch.topk` over 1024 entries on CPU.
+  than one `torch.topk` over 1024 entries on CPU; `_topk_plan` sizes the blocks for the thread count.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -31,15 +32,12 @@ from torch import nn
 
 from .config import UltraMemConfig
 
-# `_topk_idx` calls torch.topk directly on rows this short (cheap there), or on fewer rows than
-# this (a handful of decode rows, where the extra ops cost more than they save), or on a GPU.
-TOPK_LEAF = 128
-TOPK_MIN_ROWS = 16
-# torch's CPU topk splits its rows over threads in chunks of ~32768 entries (at::internal::
-# GRAIN_SIZE). Rows of 1024 parallelise from 32 rows on, but the blocked search's short rows only
-# from 32768 / TOPK_LEAF = 256 rows per thread; below that, with more than one thread, one
-# parallel topk beats the serial blocked one (measured: 2 threads, 256 rows of 1024: 1.2 vs 1.4 ms;
-# 512 rows: 2.3 vs 1.8 ms).
+# Cost model of torch's CPU topk, for `_topk_plan` (measured on a 2-core EPYC VM, torch 2.13):
+# ~10 ns per entry nearly whatever the row length (branch misses dominate), ~60 us of fixed cost
+# for one level of the blocked search (about six small ops), and rows split over threads in tasks
+# of at least GRAIN entries (at::internal::GRAIN_SIZE), so short rows parallelise only in bulk.
+TOPK_NS_PER_ENTRY = 10.0
+TOPK_NS_PER_LEVEL = 60_000.0
 TOPK_GRAIN = 32768
 
 
@@ -275,25 +273,52 @@ def _expand_rank(idx_XQ: torch.Tensor, R: int) -> torch.Tensor:
 def _topk_idx(x_XL: torch.Tensor, k: int, sorted: bool) -> torch.Tensor:
     """Indices of the k largest entries of each row (the same set as `torch.topk`, ties aside).
 
-    CPU `topk` is branchy (~9 ns per entry at L = 1024, under 1 ns at L <= 64 in a cache-warm
-    row), so long rows go through blocks: cut a row into L/w blocks (block j = entries j, j + L/w,
-    ...; strided so the block maxima are w contiguous vector maxima). An entry of the row's top k
-    lies in a block whose maximum is among the k largest block maxima - else k other blocks, each
-    holding an entry at least as large, would outrank it. So: top k of the block maxima (the same
-    way, recursively), then top k of the k*w <= TOPK_LEAF entries of those blocks.
-    L = 1024, k = 32: 1024 -> 256 maxima -> 64 maxima (topk), then two topk over 128 entries.
+    CPU `topk` costs ~10 ns per entry, so long rows go through blocks: cut a row into L/w blocks
+    (block j = entries j, j + L/w, ...; strided, so the block maxima are w contiguous vector
+    maxima). An entry of the row's top k lies in a block whose maximum is among the k largest
+    block maxima - else k other blocks, each holding an entry at least as large, would outrank
+    it. So: top k of the block maxima (recursively), then top k of the k*w entries of those
+    blocks. `_topk_plan` picks the widths. L = 1024, k = 32, one thread: 1024 -> 512 -> 128
+    maxima, topk over 128, 128 and 64 entries instead of 1024 (~2x faster).
     """
     L = x_XL.shape[-1]
-    w = max(2, TOPK_LEAF // k)
-    rows = x_XL.numel() // max(L, 1)
-    threads = torch.get_num_threads()
-    serial_leaves = threads > 1 and rows * TOPK_LEAF < TOPK_GRAIN * threads
-    if L <= TOPK_LEAF or L % w or L // w < k or rows < TOPK_MIN_ROWS or serial_leaves or x_XL.is_cuda:
+    if x_XL.is_cuda or x_XL.numel() == 0:  # a GPU topk has no such per-entry cost
         return x_XL.topk(k, dim=-1, sorted=sorted).indices
+    _, plan = _topk_plan(L, k, x_XL.numel() // L, torch.get_num_threads())
+    return _blocked_topk(x_XL, k, sorted, plan)
+
+
+def _blocked_topk(x_XL: torch.Tensor, k: int, sorted: bool, widths: tuple[int, ...]) -> torch.Tensor:
+    if not widths:
+        return x_XL.topk(k, dim=-1, sorted=sorted).indices
+    L, w = x_XL.shape[-1], widths[0]
     S = L // w
     block_max_XS = x_XL.unflatten(-1, (w, S)).amax(-2)
-    blocks_XK = _topk_idx(block_max_XS, k, sorted=False)
+    blocks_XK = _blocked_topk(block_max_XS, k, False, widths[1:])
     starts_W1 = torch.arange(0, L, S, device=x_XL.device).unsqueeze(-1)
     cand_XC = (blocks_XK.unsqueeze(-2) + starts_W1).flatten(-2)
     best_XK = x_XL.gather(-1, cand_XC).topk(k, dim=-1, sorted=sorted).indices
     return cand_XC.gather(-1, best_XK)
+
+
+@functools.lru_cache(maxsize=512)
+def _topk_plan(L: int, k: int, rows: int, threads: int) -> tuple[float, tuple[int, ...]]:
+    """(estimated ns, block widths outermost first) of the cheapest blocked top-k of `rows` rows.
+
+    A plain topk over n entries a row runs in min(threads, ceil(rows / (GRAIN // n))) tasks, so
+    with two threads and 256 rows, 1024 -> 256 maxima (256 entries a row parallelise) beats
+    1024 -> 512 -> 128 (128 entries do not) although it sorts through more entries."""
+
+    def plain(n: int) -> float:
+        tasks = min(threads, -(-rows // max(1, TOPK_GRAIN // n)))
+        return rows * n * TOPK_NS_PER_ENTRY / tasks
+
+    best = (plain(L), ())
+    for w in (2, 4, 8, 16, 32):
+        if L % w or L // w < k or k * w >= L:
+            continue
+        sub_cost, sub_widths = _topk_plan(L // w, k, rows, threads)
+        cost = plain(k * w) + sub_cost + TOPK_NS_PER_LEVEL
+        if cost < best[0]:
+            best = (cost, (w, *sub_widths))
+    return best
