@@ -1,5 +1,6 @@
 """Retrieval recall and value-row usage probes."""
 
+import pytest
 import torch
 
 from ultramem import UltraMemConfig, UltraMemLayer, retrieval_recall, used_rows
@@ -39,3 +40,22 @@ def test_memory_probe_on_a_model():
     assert set(stats) == {"mem0_rows_used", "mem0_recall"}
     assert 0 < stats["mem0_rows_used"] <= 1 and 0 <= stats["mem0_recall"] <= 1
     assert not model.memory_layers()[0]._forward_pre_hooks  # hooks removed on exit
+
+
+def test_search_override_switches_and_restores_every_layer():
+    from ultramem.diagnostics import search_override
+
+    model = LanguageModel(LMConfig(vocab_size=32, dim=32, n_layers=2, n_heads=2, ffn="ultramem",
+                                   memory_placement="0:0/1:1",
+                                   memory={"num_keys": 4, "key_dim": 8, "value_dim": 16, "heads": 1,
+                                           "topk": 2}))
+    layers = list(model.memory_layers())
+    before = [layer.cfg for layer in layers]
+    with search_override(model, topm_search="exact") as got:
+        assert len(got) == 2
+        assert all(layer.cfg.topm_search == layer.retrieval.cfg.topm_search == "exact" for layer in layers)
+    assert [layer.cfg for layer in layers] == before
+    assert all(layer.retrieval.cfg is layer.cfg for layer in layers)
+    with pytest.raises(ValueError, match="stage1_topk"), search_override(model, stage1_topk=99):
+        pass
+    assert [layer.cfg for layer in layers] == before

@@ -84,3 +84,17 @@ def test_unknown_suite_is_an_error(tmp_path):
         suites.write_configs(tmp_path, ["nope"])
     with pytest.raises(ValueError, match="no configs"):
         runner.status(tmp_path, "missing")
+
+
+def test_probe_evaluates_a_trained_run_under_every_search(tmp_path):
+    from ultramem.experiments.probe import probe_run
+
+    cfg = _write(tmp_path, "um", "ultramem", 0)
+    runner.run_one(tmp_path, "tiny", cfg)
+    rows = probe_run(str(tmp_path / "runs/tiny/um-s0"), stage1=[16], log=lambda *_: None)
+    got = [(r["search"], r["stage1_topk"]) for r in rows]
+    assert got == [("rank1", 4), ("rank1_both_signs", 4), ("exact", 4),
+                   ("rank1", 16), ("rank1_both_signs", 16)]
+    assert all(r["val_loss"] > 0 and 0 <= r["mem0_recall"] <= 1 for r in rows)
+    assert rows[2]["mem0_recall"] == 1.0  # the oracle agrees with itself
+    assert rows[3]["mem0_recall"] == 1.0  # m1 = n' = 16: stage 1 filters nothing

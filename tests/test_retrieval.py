@@ -176,3 +176,67 @@ def test_paper_init_stays_finite_when_topk_fills_the_stage2_grid():
     gain = layer.retrieval.q_row_norm
     assert torch.isfinite(gain).all() and gain.max() <= 2.0
     assert torch.isfinite(layer(torch.randn(1, 2, 32))).all()
+
+
+def _rank1_cores(layer):
+    """Make every core the same rank-1 matrix, so the proxy ranks slots up to its sign."""
+    with torch.no_grad():
+        R = layer.cfg.tucker_rank
+        a, b = torch.randn(R), torch.randn(R)
+        layer.retrieval.cores.copy_(torch.outer(a, b).expand_as(layer.retrieval.cores))
+        layer.retrieval.refresh_tucker(force=True)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(3, 6), m=st.integers(1, 4), seed=st.integers(0, 50))
+def test_both_signs_search_is_exact_for_rank1_cores(n, m, seed):
+    # With a rank-1 summed core the slot score is sigma * rho_a * gamma_b; a slot of the top m has
+    # both proxies among the m highest or both among the m lowest, so m1 = 2m loses nothing -
+    # wherever the top m are all positive (a token with fewer than m positive products is excluded).
+    torch.manual_seed(seed)
+    P = 2 * n
+    m = min(m, P // 2)
+    layer = UltraMemLayer(small_cfg(num_keys=n, topk=m, stage1_topk=2 * m, topm_search="rank1_both_signs"))
+    _rank1_cores(layer)
+    x = torch.randn(2, 3, 32)
+    fast, exact = layer.retrieve(x), layer.retrieve(x, exact=True)
+    fast_sum, exact_sum = fast.scores.sum(-1).sort(-1).values, exact.scores.sum(-1).sort(-1).values
+    positive = exact_sum.min(-1).values > 0
+    assert positive.float().mean() > 0.5
+    torch.testing.assert_close(fast_sum[positive], exact_sum[positive])  # ties may swap equal slots
+    assert (fast.indices.sort(-1).values.diff(dim=-1) > 0).all()  # no slot twice
+
+
+def test_top_end_only_misses_the_negative_quadrant():
+    # The SPEC's search keeps the top end of each proxy: with rank-1 cores and many tokens some
+    # exact top slots have both proxies negative, and it cannot find them; both ends can.
+    torch.manual_seed(0)
+    kw = dict(num_keys=8, topk=4, stage1_topk=8)
+    top_only = UltraMemLayer(small_cfg(**kw))
+    both = UltraMemLayer(small_cfg(**kw, topm_search="rank1_both_signs"))
+    both.load_state_dict(top_only.state_dict())
+    for layer in (top_only, both):
+        torch.manual_seed(1)
+        _rank1_cores(layer)
+    x = torch.randn(4, 16, 32)
+    assert retrieval_recall(both, x) == 1.0
+    assert retrieval_recall(top_only, x) < 0.9
+
+
+def test_exact_search_mode_is_the_oracle():
+    torch.manual_seed(0)
+    layer = UltraMemLayer(small_cfg(topm_search="exact"))
+    x = torch.randn(2, 3, 32)
+    assert torch.equal(layer.retrieve(x).indices, layer.retrieve(x, exact=True).indices)
+    layer(x).sum().backward()
+    assert layer.retrieval.cores.grad is not None
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(topm_search="nope"), "topm_search"),
+    (dict(topm_search="rank1_both_signs", score="additive", tucker_rank=1, num_cores=1), "score='tucker'"),
+    (dict(topm_search="rank1_both_signs", topk=1, stage1_topk=1), "stage1_topk >= 2"),
+])
+def test_search_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        small_cfg(**kw)

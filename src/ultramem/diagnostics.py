@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .layers import PKMLayer, UltraMemLayer
@@ -70,3 +72,23 @@ class MemoryProbe:
                 out[f"mem{i}_rows_used"] = mask.float().mean().item()
                 out[f"mem{i}_recall"] = rec
         return out
+
+
+@contextlib.contextmanager
+def search_override(model, **changes):
+    """Temporarily run every UltraMem layer of `model` with other search settings (for example
+    `topm_search="exact"` or `stage1_topk=64`), to evaluate a trained model under another search.
+
+    The changed config is validated like any other; the original configs come back on exit."""
+    layers = [m for m in model.modules() if isinstance(m, UltraMemLayer)]
+    if not layers:
+        raise ValueError("search_override: the model has no UltraMem layer")
+    saved = [layer.cfg for layer in layers]
+    try:
+        for layer, cfg in zip(layers, saved, strict=True):
+            new = cfg.replace(**changes)
+            layer.cfg = layer.retrieval.cfg = new
+        yield layers
+    finally:
+        for layer, cfg in zip(layers, saved, strict=True):
+            layer.cfg = layer.retrieval.cfg = cfg

@@ -8,8 +8,12 @@ Shape legend (suffixes on tensor names):
 The score of virtual slot (a, b) under core c is S_row[:, a]^T C_c S_col[:, b]; slots are ranked
 by the sum over cores. Stage 1 keeps the m1 best rows and columns under the rank-1 proxy of the
 summed core (its leading singular vectors u, t); stage 2 scores the m1 x m1 surviving pairs
-exactly. Ranking runs without gradient: gradients reach queries, keys and cores only through the
-per-core scores of the kept slots, which are recomputed with autograd from the gathered rows.
+exactly. The proxy's sign is arbitrary (u, t and -u, -t give the same rank-1 core), and a
+slot whose row and column proxies are both negative scores as high as one where both are
+positive: `topm_search="rank1_both_signs"` keeps m1/2 candidates from each end so neither half is
+lost; "rank1" (the SPEC's search) keeps the top end only. Ranking runs without gradient:
+gradients reach queries, keys and cores only through the per-core scores of the kept slots,
+which are recomputed with autograd from the gathered rows.
 
 Speed (the decode path is latency-bound, see bench/layer_bench.py):
 - both sides are scored by one batched matmul against a (S, Dk, H*R*P) key matrix whose columns are
@@ -217,7 +221,7 @@ class TuckerRetrieval(nn.Module):
         if not torch.compiler.is_compiling():
             self.refresh_tucker()
         s_SBTHRP = self._scores(x_BTD, conv_state)
-        if exact:
+        if exact or self.cfg.topm_search == "exact":
             row_BTHM, col_BTHM = self._select_exact(s_SBTHRP)
         else:
             row_BTHM, col_BTHM = self._select_two_stage(s_SBTHRP)
@@ -230,7 +234,16 @@ class TuckerRetrieval(nn.Module):
         # Rank-1 proxies rho = u^T S_row and gamma = t^T S_col, both sides in one batched product.
         ut_SH1R = torch.stack((self.u, self.t)).unsqueeze(-2).to(s_SBTHRP.dtype)
         proxy_SBTHP = (ut_SH1R[:, None, None] @ s_SBTHRP).squeeze(-2)
-        cand_SBTHQ = _topk_idx(proxy_SBTHP, m1, sorted=False)
+        if self.cfg.topm_search == "rank1_both_signs":
+            # Both ends of each proxy: the product rho * gamma is large when both are large or
+            # both very negative. The top end is masked before taking the bottom one, so the two
+            # halves never share an index (ties included) and the grid has no duplicate pairs.
+            hi_SBTHQ = _topk_idx(proxy_SBTHP, m1 - m1 // 2, sorted=False)
+            masked_SBTHP = proxy_SBTHP.scatter(-1, hi_SBTHQ, float("inf"))
+            lo_SBTHQ = _topk_idx(-masked_SBTHP, m1 // 2, sorted=False)
+            cand_SBTHQ = torch.cat((hi_SBTHQ, lo_SBTHQ), dim=-1)
+        else:
+            cand_SBTHQ = _topk_idx(proxy_SBTHP, m1, sorted=False)
         cand_SBTHRQ = s_SBTHRP.gather(-1, _expand_rank(cand_SBTHQ, s_SBTHRP.shape[-2]))
         grid_BTHQQ = self._summed_grid(cand_SBTHRQ[0], cand_SBTHRQ[1])
         flat_BTHM = _topk_idx(grid_BTHQQ.flatten(-2), m, sorted=True)

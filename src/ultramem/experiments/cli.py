@@ -7,19 +7,32 @@ from pathlib import Path
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["configs", "run", "status", "report", "match"],
+    p.add_argument("action", choices=["configs", "run", "status", "report", "match", "probe"],
                    help="configs: write experiments/configs/<suite>/*.json; run: train unfinished runs; "
-                        "status: done/started/pending; report: tables and plots; match: re-count sizes")
+                        "status: done/started/pending; report: tables and plots; match: re-count sizes; "
+                        "probe: evaluate a trained UltraMem run (--run) under other top-m searches")
     p.add_argument("suites", nargs="*", help="suite names (default: all for configs/report)")
     p.add_argument("--root", default="experiments", help="experiments folder (default: experiments)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one process each (default 2)")
     p.add_argument("--only", nargs="+", help="run only configs whose name contains one of these")
     p.add_argument("--background", action="store_true", help="detach and log to <root>/logs/<suite>.log")
+    g = p.add_argument_group("probe")
+    g.add_argument("--run", help="run folder or checkpoint of an UltraMem model (probe)")
+    g.add_argument("--search", nargs="+", choices=["rank1", "rank1_both_signs", "exact"],
+                   help="searches to evaluate (default: all three)")
+    g.add_argument("--stage1", nargs="+", type=int, help="also evaluate these stage1_topk (m1) values")
+    g.add_argument("--windows", type=int, help="val windows (default: the run's eval_windows)")
 
 
 def handler(a) -> int:
     from . import report, runner, suites
 
+    if a.action == "probe":
+        if not a.run:
+            raise ValueError("--run: required by probe (a run folder or checkpoint file)")
+        from . import probe
+
+        return probe.main(a)
     root = Path(a.root)
     names = a.suites or list(suites.SUITES)
     for name in names:

@@ -21,6 +21,20 @@ PAPER_ABLATION_DELTA = {
 }
 # SPEC section 7 main table, smallest size (151M activated): val loss per kind.
 PAPER_MAIN_151M = {"dense": 2.96, "moe": 2.63, "ultramem": 2.67, "pkm": None}
+# SPEC section 7 sweeps, restated as changes from our sweep base (E=4, r=2, h=2): the paper gives
+# E=4/9/16 vs E=1 (-0.017/-0.025/-0.027), r=2 and 3 vs r=1 (about -0.008 both), h=2/4 vs h=1
+# (-0.003/+0.001).
+PAPER_SWEEP_DELTA = {"ive-E1": +0.017, "ive-E9": -0.008, "ive-E16": -0.010, "rank-r1": +0.008,
+                     "rank-r3": 0.0, "cores-h1": +0.003, "cores-h4": +0.004}
+# The sweep base is exactly main's UltraMem config, so its runs are taken from there, not rerun.
+SWEEP_BASE = ("main", "ultramem")
+
+
+def configured_groups(root: Path, suite: str) -> list[str]:
+    """Group names of the suite's committed configs, in name order (finished or not)."""
+    from .runner import list_configs
+
+    return sorted({json.loads(p.read_text()).get("group", p.stem) for p in list_configs(root, suite)})
 
 
 def load_results(root: Path, suite: str) -> dict[str, list[dict]]:
@@ -77,18 +91,23 @@ def group_table(groups: dict[str, list[dict]], order: list[str] | None = None,
     return "\n".join(lines)
 
 
-def ablation_table(groups: dict[str, list[dict]]) -> str:
-    """The ladder: our val loss and its change from the previous rung beside the paper's change."""
+def ablation_table(groups: dict[str, list[dict]], names: list[str] | None = None) -> str:
+    """The ladder: our val loss and its change from the previous rung beside the paper's change.
+    A rung (or its predecessor) that has not finished gets no delta, never an invented one."""
     lines = ["| rung | seeds | val loss | our delta | paper delta |", "|---|---|---|---|---|"]
     prev = None
-    for name in sorted(groups):
-        rs = groups[name]
-        mean = statistics.fmean(r["val_loss"] for r in rs)
+    for name in names or sorted(groups):
+        rs = groups.get(name, [])
         rung = name.split("-", 1)[1]
-        ours = "-" if prev is None else f"{mean - prev:+.3f}"
         ref = PAPER_ABLATION_DELTA.get(rung)
-        lines.append(f"| {name} | {len(rs)} | {_fmt([r['val_loss'] for r in rs])} | {ours} | "
-                     f"{'-' if ref is None else f'{ref:+.3f}'} |")
+        ref_s = "-" if ref is None else f"{ref:+.3f}"
+        if not rs:
+            lines.append(f"| {name} | not finished | | | {ref_s} |")
+            prev = None
+            continue
+        mean = statistics.fmean(r["val_loss"] for r in rs)
+        ours = "-" if prev is None else f"{mean - prev:+.3f}"
+        lines.append(f"| {name} | {len(rs)} | {_fmt([r['val_loss'] for r in rs])} | {ours} | {ref_s} |")
         prev = mean
     return "\n".join(lines)
 
@@ -106,8 +125,8 @@ def plot_curves(root: Path, suite: str, groups: dict[str, list[dict]], out: Path
             continue
         curves_t, curves_v = [], []
         for r in groups[name]:
-            recs = [json.loads(line) for line in
-                    (root / "results" / suite / f"{r['name']}.metrics.jsonl").read_text().splitlines()]
+            path = root / "results" / r.get("suite", suite) / f"{r['name']}.metrics.jsonl"
+            recs = [json.loads(line) for line in path.read_text().splitlines()]
             curves_t.append([(x["tokens"], x["loss"]) for x in recs if x.get("kind") == "train"])
             tok_per_step = r["tokens"] / max(r["step"], 1)
             curves_v.append([(x["step"] * tok_per_step, x["val_loss"])
@@ -133,26 +152,52 @@ def plot_curves(root: Path, suite: str, groups: dict[str, list[dict]], out: Path
 
 def write_report(root: Path, suite: str) -> Path:
     """results/<suite>.md with the tables, plots beside it, and the list of unfinished runs."""
+    from . import analysis
+
     groups = load_results(root, suite)
+    if suite == "retrieval" and (root / "results" / "main").is_dir():
+        main = load_results(root, "main")  # the counterparts this suite is compared against
+        groups = {**{k: v for k, v in main.items() if k in ("dense", "pkm", "ultramem")}, **groups}
     out_dir = root / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     st = status(root, suite)
     parts = [f"# Suite `{suite}`", ""]
     if suite == "ablation":
-        parts += [ablation_table(groups), ""]
+        parts += [ablation_table(groups, configured_groups(root, suite)), ""]
+    if suite == "sweeps":
+        base = load_results(root, SWEEP_BASE[0]).get(SWEEP_BASE[1], []) if (
+            root / "results" / SWEEP_BASE[0]).is_dir() else []
+        every = {g: groups.get(g, []) for g in configured_groups(root, suite)}
+        parts += [analysis.sweeps_table(every, base, PAPER_SWEEP_DELTA), ""]
+    if suite == "scaling":
+        parts += ["Fit of val loss = a + b ln(sparse params), every finished seed a point:", "",
+                  analysis.scaling_table(groups), ""]
+        png = analysis.plot_scaling(groups, out_dir / "scaling_fit.png")
+        parts += [f"![scaling fit]({png.name})", ""] if png else []
     text_groups = {k: v for k, v in groups.items() if not k.startswith("facts-")}
     fact_groups = {k: v for k, v in groups.items() if k.startswith("facts-")}
     paper = PAPER_MAIN_151M if suite == "main" else PAPER_ABLATION_DELTA if suite == "ablation" else None
     if text_groups:
         label = ("paper Δ vs dense (C4, 151M activated, 1T tokens)" if suite == "main"
                  else "paper Δ from previous rung")
-        parts += [group_table(text_groups, paper=paper, paper_label=label), ""]
+        order = sorted(set(text_groups) | {g for g in configured_groups(root, suite)
+                                           if not g.startswith("facts-")})
+        parts += [group_table(text_groups, order=order, paper=paper, paper_label=label), ""]
         png = plot_curves(root, suite, groups, out_dir / f"{suite}_loss.png")
         parts += [f"![{suite} loss curves]({png.name})", ""]
     if fact_groups:
-        parts += ["Generated fact corpus:", "", group_table(fact_groups), ""]
+        order = sorted(set(fact_groups) | {g for g in configured_groups(root, suite)
+                                           if g.startswith("facts-")})
+        parts += ["Generated fact corpus:", "", group_table(fact_groups, order=order), ""]
         png = plot_curves(root, suite, groups, out_dir / f"{suite}_facts_loss.png", prefix="facts-")
         parts += [f"![{suite} fact-corpus loss curves]({png.name})", ""]
+    table = analysis.retrieval_table(root, suite, groups)
+    if table:
+        parts += ["Retrieval health (mean over seeds; recall = share of the exact top-m slots the "
+                  "layer's own search returns, on the first 32 val tokens; rows read = union over the "
+                  "val windows):", "", table, ""]
+        png = analysis.plot_retrieval(root, suite, groups, out_dir / f"{suite}_retrieval.png")
+        parts += [f"![{suite} retrieval]({png.name})", ""] if png else []
     unfinished = st["started"] + st["pending"]
     parts += [f"Finished runs: {len(st['done'])}; not finished: "
               + (", ".join(unfinished) if unfinished else "none") + "."]

@@ -1,0 +1,199 @@
+"""Suite-specific analyses for the report: design sweeps beside the paper, the scaling-law fit, and
+retrieval health (two-stage recall against exact, share of value rows read) over training.
+
+Inputs are the committed results: `results/<suite>/<run>.json` summaries (grouped by `group`,
+one entry per seed) and their `.metrics.jsonl` logs. Nothing here trains or invents a number:
+a group without finished runs is reported as not finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+_MEM_KEY = re.compile(r"^mem(\d+)_(recall|rows_used)$")
+
+
+def eval_records(root: Path, suite: str, run: dict) -> list[dict]:
+    """The eval records of one finished run, each with a `tokens` field added."""
+    # A run may belong to another suite (the sweeps and retrieval reports borrow main's runs).
+    path = root / "results" / run.get("suite", suite) / f"{run['name']}.metrics.jsonl"
+    tok_per_step = run["tokens"] / max(run["step"], 1)
+    out = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "eval":
+            out.append({**rec, "tokens": rec["step"] * tok_per_step})
+    return out
+
+
+# ------------------------------------------------------------------ sweeps
+
+def sweeps_table(groups: dict[str, list[dict]], base: list[dict], paper: dict[str, float]) -> str:
+    """One row per sweep point: its change, FLOPs beside the base's, val loss and delta vs base."""
+    head = ["run", "seeds", "MFLOP/token", "FLOPs vs base", "val loss", "Δ vs base",
+            "paper Δ vs base (151M, C4)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base_loss = statistics.fmean(r["val_loss"] for r in base) if base else None
+    base_flops = base[0]["params"]["flops_per_token"] if base else None
+    rows = [("base E4-r2-h2 (= main ultramem)", base)] + sorted(groups.items())
+    for name, rs in rows:
+        ref = paper.get(name)
+        ref_s = "-" if ref is None else f"{ref:+.3f}"
+        if not rs:
+            lines.append(f"| {name} | not finished | | | | | {ref_s} |")
+            continue
+        flops = rs[0]["params"]["flops_per_token"]
+        losses = [r["val_loss"] for r in rs]
+        mean = statistics.fmean(losses)
+        spread = f" ± {(max(losses) - min(losses)) / 2:.3f}" if len(rs) > 1 else ""
+        rel = "-" if base_flops is None else f"{100 * (flops / base_flops - 1):+.1f}%"
+        delta = "-" if base_loss is None or rs is base else f"{mean - base_loss:+.3f}"
+        lines.append(f"| {name} | {len(rs)} | {flops / 1e6:.2f} | {rel} | {mean:.3f}{spread} | "
+                     f"{delta} | {ref_s} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ scaling
+
+def fit_log_linear(xs: list[float], ys: list[float]) -> dict[str, float]:
+    """Least squares y = a + b ln(x): slope b, intercept a, b per doubling, slope std error, R^2."""
+    if len(xs) != len(ys) or len(set(xs)) < 2:
+        raise ValueError(f"fit: need >= 2 distinct x values, got {sorted(set(xs))}")
+    lx = [math.log(x) for x in xs]
+    mx, my = statistics.fmean(lx), statistics.fmean(ys)
+    sxx = sum((v - mx) ** 2 for v in lx)
+    b = sum((u - mx) * (v - my) for u, v in zip(lx, ys, strict=True)) / sxx
+    a = my - b * mx
+    resid = [v - (a + b * u) for u, v in zip(lx, ys, strict=True)]
+    sst = sum((v - my) ** 2 for v in ys)
+    r2 = 1 - sum(e * e for e in resid) / sst if sst > 0 else float("nan")
+    dof = len(xs) - 2
+    se = math.sqrt(sum(e * e for e in resid) / dof / sxx) if dof > 0 else float("nan")
+    return {"slope": b, "intercept": a, "per_doubling": b * math.log(2), "slope_se": se,
+            "r2": r2, "points": len(xs)}
+
+
+def scaling_points(groups: dict[str, list[dict]]) -> dict[int, list[tuple[float, float]]]:
+    """{sparsity: [(sparse params, val loss) per finished seed]} from groups named sp<S>-x<R>."""
+    out: dict[int, list[tuple[float, float]]] = {}
+    for name, rs in groups.items():
+        m = re.match(r"^sp(\d+)-x\d+$", name)
+        if m:
+            out.setdefault(int(m.group(1)), []).extend(
+                (r["params"]["sparse"], r["val_loss"]) for r in rs)
+    return out
+
+
+def scaling_table(groups: dict[str, list[dict]]) -> str:
+    """The slope of val loss against ln(sparse params) at each sparsity (all seeds as points)."""
+    lines = ["| sparsity (rows / rows read a token) | points | slope per e-fold | per doubling | "
+             "R^2 |", "|---|---|---|---|---|"]
+    for sparsity, pts in sorted(scaling_points(groups).items()):
+        if len({x for x, _ in pts}) < 2:
+            lines.append(f"| {sparsity} | {len(pts)} | too few sizes finished | | |")
+            continue
+        f = fit_log_linear([x for x, _ in pts], [y for _, y in pts])
+        se = "" if math.isnan(f["slope_se"]) else f" ± {f['slope_se']:.4f}"
+        lines.append(f"| {sparsity} | {f['points']} | {f['slope']:+.4f}{se} | "
+                     f"{f['per_doubling']:+.4f} | {f['r2']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_scaling(groups: dict[str, list[dict]], out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts_by = scaling_points(groups)
+    if not pts_by:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for sparsity, pts in sorted(pts_by.items()):
+        line = ax.plot([x / 1e6 for x, _ in pts], [y for _, y in pts], "o", label=f"sparsity {sparsity}")
+        if len({x for x, _ in pts}) >= 2:
+            f = fit_log_linear([x for x, _ in pts], [y for _, y in pts])
+            xs = sorted({x for x, _ in pts})
+            ax.plot([x / 1e6 for x in xs], [f["intercept"] + f["slope"] * math.log(x) for x in xs],
+                    "-", color=line[0].get_color(), alpha=0.6,
+                    label=f"fit: {f['per_doubling']:+.3f} per doubling")
+    ax.set_xscale("log")
+    ax.set_xlabel("sparse (value) params (M, log scale)")
+    ax.set_ylabel("val loss")
+    ax.set_title("scaling: val loss vs sparse params at fixed sparsity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# ------------------------------------------------------------------ retrieval
+
+def memory_curves(root: Path, suite: str, runs: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """{"mem0_recall": [(tokens, mean over seeds), ...], ...} for the memory metrics a group logs."""
+    per_seed = [eval_records(root, suite, r) for r in runs]
+    n = min((len(recs) for recs in per_seed), default=0)
+    keys = sorted({k for recs in per_seed for rec in recs for k in rec if _MEM_KEY.match(k)})
+    out = {}
+    for key in keys:
+        pts = []
+        for i in range(n):
+            vals = [recs[i][key] for recs in per_seed if key in recs[i]]
+            if vals:
+                pts.append((per_seed[0][i]["tokens"], statistics.fmean(vals)))
+        out[key] = pts
+    return out
+
+
+def retrieval_table(root: Path, suite: str, groups: dict[str, list[dict]]) -> str:
+    """Per memory group and layer: recall vs exact and share of value rows read, first and last eval."""
+    lines = ["| run | seeds | layer | recall vs exact (first eval → last) | "
+             "value rows read on val (first → last) |", "|---|---|---|---|---|"]
+    found = False
+    for name in sorted(groups):
+        curves = memory_curves(root, suite, groups[name])
+        layers = sorted({int(_MEM_KEY.match(k).group(1)) for k in curves})
+        for i in layers:
+            rec, used = curves.get(f"mem{i}_recall", []), curves.get(f"mem{i}_rows_used", [])
+            if not rec or not used:
+                continue
+            found = True
+            lines.append(f"| {name} | {len(groups[name])} | {i} | {rec[0][1]:.3f} → {rec[-1][1]:.3f} | "
+                         f"{used[0][1]:.3f} → {used[-1][1]:.3f} |")
+    return "\n".join(lines) if found else ""
+
+
+def plot_retrieval(root: Path, suite: str, groups: dict[str, list[dict]], out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_r, ax_u) = plt.subplots(1, 2, figsize=(12, 4.5))
+    drawn = False
+    for name in sorted(groups):
+        for key, pts in memory_curves(root, suite, groups[name]).items():
+            ax = ax_r if key.endswith("recall") else ax_u
+            layer = key.split("_")[0]
+            ax.plot([t / 1e6 for t, _ in pts], [v for _, v in pts], marker="o", ms=3,
+                    label=f"{name} {layer}")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, title in ((ax_r, "two-stage recall vs exact top-m"), (ax_u, "share of value rows read (val)")):
+        ax.set_xlabel("tokens (M)")
+        ax.set_title(f"{suite}: {title}")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,101 @@
+"""Report analyses: the scaling fit recovers a known slope, sweep/ablation tables list unfinished
+points instead of inventing them, retrieval curves average seeds, and the probe evaluates a
+trained run under every search. Committed configs are exactly what the suite code writes."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from ultramem.experiments import analysis, report, suites
+
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+
+
+def _result(root, suite, name, group, seed, val_loss, sparse=0, flops=1_000_000, evals=()):
+    out = root / "results" / suite
+    out.mkdir(parents=True, exist_ok=True)
+    r = {"name": name, "group": group, "seed": seed, "suite": suite, "tokens": 1000, "step": 10,
+         "val_loss": val_loss, "tokens_per_s": 100.0,
+         "params": {"total": 1, "activated": 1, "sparse": sparse, "flops_per_token": flops}}
+    (out / f"{name}.json").write_text(json.dumps(r))
+    lines = [{"kind": "train", "step": 10, "tokens": 1000, "loss": val_loss}]
+    lines += [{"kind": "eval", "step": step, "val_loss": val_loss, **mem} for step, mem in evals]
+    (out / f"{name}.metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return r
+
+
+def test_fit_recovers_a_known_log_slope():
+    xs = [1e6, 2e6, 4e6, 8e6]
+    ys = [4.0 - 0.05 * math.log(x) for x in xs]
+    f = analysis.fit_log_linear(xs, ys)
+    assert f["slope"] == pytest.approx(-0.05)
+    assert f["per_doubling"] == pytest.approx(-0.05 * math.log(2))
+    assert f["r2"] == pytest.approx(1.0)
+    noisy = analysis.fit_log_linear(xs + xs, ys + [y + 0.01 for y in ys])
+    assert noisy["slope"] == pytest.approx(-0.05) and noisy["slope_se"] < 1e-9 + 0.01
+    with pytest.raises(ValueError, match="distinct x"):
+        analysis.fit_log_linear([1e6, 1e6], [3.0, 3.1])
+
+
+def test_scaling_table_fits_each_sparsity(tmp_path):
+    groups = {}
+    for sp in (512, 2048):
+        for ratio in (2, 4, 8):
+            for seed in (0, 1):
+                loss = 4.0 - 0.1 * math.log(ratio * 1e6) + 0.01 * seed - (0.05 if sp == 512 else 0)
+                r = _result(tmp_path, "scaling", f"sp{sp}-x{ratio:02d}-s{seed}", f"sp{sp}-x{ratio:02d}",
+                            seed, loss, sparse=ratio * 1_000_000)
+                groups.setdefault(r["group"], []).append(r)
+    table = analysis.scaling_table(groups)
+    assert table.count("-0.1000") == 2 and "| 512 | 6 |" in table and "| 2048 | 6 |" in table
+    assert analysis.plot_scaling(groups, tmp_path / "fit.png").stat().st_size > 0
+    one = {"sp512-x02": groups["sp512-x02"]}
+    assert "too few sizes finished" in analysis.scaling_table(one)
+
+
+def test_sweeps_table_reports_against_the_base_and_lists_unfinished():
+    base = [{"val_loss": 3.8, "params": {"flops_per_token": 2_000_000}},
+            {"val_loss": 3.9, "params": {"flops_per_token": 2_000_000}}]
+    groups = {"ive-E1": [{"val_loss": 4.0, "params": {"flops_per_token": 1_800_000}}], "ive-E9": []}
+    table = analysis.sweeps_table(groups, base, report.PAPER_SWEEP_DELTA)
+    assert "| base E4-r2-h2 (= main ultramem) | 2 | 2.00 | +0.0% | 3.850 ± 0.050 | - |" in table
+    assert "| ive-E1 | 1 | 1.80 | -10.0% | 4.000 | +0.150 | +0.017 |" in table
+    assert "| ive-E9 | not finished |" in table
+
+
+def test_ablation_table_never_invents_a_delta():
+    groups = {"01-pkm": [{"val_loss": 3.9}], "03-half-vdim-proj": [{"val_loss": 3.8}]}
+    table = report.ablation_table(groups, ["01-pkm", "02-rm-softmax", "03-half-vdim-proj"])
+    assert "| 02-rm-softmax | not finished | | | -0.006 |" in table
+    assert "| 03-half-vdim-proj | 1 | 3.800 | - | -0.022 |" in table  # predecessor unfinished
+
+
+def test_retrieval_curves_average_seeds(tmp_path):
+    runs = [_result(tmp_path, "main", f"um-s{s}", "um", s, 3.0,
+                    evals=[(5, {"mem0_recall": 0.5 + 0.1 * s, "mem0_rows_used": 0.2}),
+                           (10, {"mem0_recall": 0.3 + 0.1 * s, "mem0_rows_used": 0.4})]) for s in (0, 1)]
+    curves = analysis.memory_curves(tmp_path, "main", runs)
+    assert curves["mem0_recall"] == [(500.0, pytest.approx(0.55)), (1000.0, pytest.approx(0.35))]
+    table = analysis.retrieval_table(tmp_path, "main", {"um": runs})
+    assert "| um | 2 | 0 | 0.550 → 0.350 | 0.200 → 0.400 |" in table
+    assert analysis.plot_retrieval(tmp_path, "main", {"um": runs}, tmp_path / "r.png").exists()
+    dense = [_result(tmp_path, "main", "d-s0", "d", 0, 3.0, evals=[(10, {})])]
+    assert analysis.retrieval_table(tmp_path, "main", {"d": dense}) == ""
+
+
+@pytest.mark.parametrize("suite", sorted(suites.SUITES))
+def test_committed_configs_are_what_the_suite_code_writes(suite, tmp_path):
+    folder = CONFIGS / suite
+    committed = sorted(p.name for p in folder.glob("*.json"))
+    written = suites.write_configs(tmp_path, [suite])
+    assert committed == sorted(p.name for p in written)  # no stale or missing config
+    for p in written:
+        assert json.loads(p.read_text()) == json.loads((folder / p.name).read_text())
+
+
+def test_sweep_base_is_main_ultramem():
+    main = {r["group"]: r for r in suites.main_suite()}
+    assert suites.ULTRAMEM == main[report.SWEEP_BASE[1]]["model"]
+    assert all(r["model"] != suites.ULTRAMEM for r in suites.sweeps_suite())  # not run twice
