@@ -2,6 +2,9 @@
 interrupted ones, and the report lists unfinished runs instead of inventing them."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -98,3 +101,44 @@ def test_probe_evaluates_a_trained_run_under_every_search(tmp_path):
     assert all(r["val_loss"] > 0 and 0 <= r["mem0_recall"] <= 1 for r in rows)
     assert rows[2]["mem0_recall"] == 1.0  # the oracle agrees with itself
     assert rows[3]["mem0_recall"] == 1.0  # m1 = n' = 16: stage 1 filters nothing
+
+
+def test_a_run_being_trained_is_never_started_twice(tmp_path):
+    cfg = _write(tmp_path, "dense", "dense", 0)
+    run_dir = tmp_path / "runs/tiny/dense-s0"
+    run_dir.mkdir(parents=True)
+    # A live foreign owner (our parent process stands in for another runner): refused and skipped.
+    (run_dir / "running.pid").write_text(str(os.getppid()))
+    with pytest.raises(RuntimeError, match="already being trained by process"):
+        runner.run_one(tmp_path, "tiny", cfg)
+    assert runner.run_suite(tmp_path, "tiny", jobs=1) == 0
+    assert not (tmp_path / "results/tiny/dense-s0.json").exists()
+    # A stale lock (its owner is gone) is taken over, and released when the run ends.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run_dir / "running.pid").write_text(str(dead.pid))
+    assert runner.run_one(tmp_path, "tiny", cfg)["step"] == 4
+    assert not (run_dir / "running.pid").exists()
+
+
+def test_several_suites_share_one_queue_seed_zero_first(tmp_path, monkeypatch):
+    for suite, names in (("a", ["x", "facts-y"]), ("b", ["z"])):
+        for name in names:
+            for seed in (0, 1):
+                path = tmp_path / "configs" / suite / f"{name}-s{seed}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("{}")
+    started = []
+
+    class FakeProc:
+        def __init__(self, cmd):
+            started.append(f"{cmd[-2]}/{os.path.basename(cmd[-1])[:-5]}")
+            self.returncode = 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(runner.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    assert runner.run_suite(tmp_path, ["a", "b"], jobs=1) == 0
+    assert started == ["a/x-s0", "b/z-s0", "a/x-s1", "b/z-s1", "a/facts-y-s0", "a/facts-y-s1"]

@@ -7,6 +7,7 @@ Layout under the experiments root (default `experiments/`):
     results/<suite>/<run>.json             summary of a finished run (committed)
     results/<suite>/<run>.metrics.jsonl    its metrics log, for curves (committed; small)
     logs/<suite>.log                       the background runner's log
+    runs/<suite>/<run>/running.pid         held while a process trains the run (stale ones are taken over)
 """
 
 from __future__ import annotations
@@ -47,12 +48,53 @@ def status(root: Path, suite: str) -> dict[str, list[str]]:
     return out
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_pid(run_dir: Path) -> int | None:
+    """PID of the live process training this run, or None (no lock, or its owner is gone)."""
+    try:
+        pid = int((run_dir / "running.pid").read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if pid > 0 and _pid_alive(pid) else None
+
+
+def _acquire(run_dir: Path) -> Path:
+    """Take the run's lock, so two runners never train (and checkpoint) the same run at once."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / "running.pid"
+    owner = running_pid(run_dir)
+    if owner is not None and owner != os.getpid():
+        raise RuntimeError(f"{run_dir}: already being trained by process {owner}")
+    lock.unlink(missing_ok=True)  # stale: its owner died
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # lost a race -> FileExistsError
+    with os.fdopen(fd, "w") as fh:
+        fh.write(str(os.getpid()))
+    return lock
+
+
 def run_one(root: Path, suite: str, cfg_path: Path) -> dict:
     """Train (or resume) one run and write its result summary atomically."""
-    from ..train import RunConfig, train
-
     spec = json.loads(cfg_path.read_text())
     run_dir, result_path = _paths(root, suite, cfg_path.stem)
+    lock = _acquire(run_dir)
+    try:
+        return _train_and_summarise(root, suite, cfg_path, spec, run_dir, result_path)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _train_and_summarise(root, suite, cfg_path, spec, run_dir, result_path) -> dict:
+    from ..train import RunConfig, train
+
     train_cfg = {**spec["train"], "out_dir": str(run_dir), "resume": True,
                  "cache_dir": str(root / "cache")}
     cfg = RunConfig.from_dict({"model": spec["model"], "data": spec["data"], "train": train_cfg})
@@ -68,22 +110,32 @@ def run_one(root: Path, suite: str, cfg_path: Path) -> dict:
     return result
 
 
-def run_suite(root: Path, suite: str, jobs: int = 1, only: list[str] | None = None) -> int:
-    """Run every unfinished config of the suite, `jobs` at a time, each in its own process."""
-    todo = [p for p in list_configs(root, suite) if not _paths(root, suite, p.stem)[1].exists()]
-    if only:
-        todo = [p for p in todo if any(key in p.stem for key in only)]
-    # Seed 0 of every variant first, so a suite cut short still has one complete comparison.
-    todo.sort(key=lambda p: (p.stem.startswith("facts-"), p.stem.rsplit("-s", 1)[-1], p.stem))
-    print(f"suite {suite}: {len(todo)} run(s) to do, {jobs} at a time", flush=True)
+def run_suite(root: Path, suite: str | list[str], jobs: int = 1, only: list[str] | None = None) -> int:
+    """Run every unfinished config of the suite(s), `jobs` at a time, each in its own process.
+
+    Several suites share one queue: text runs before fact-corpus runs, seed 0 of every variant (of
+    every suite, in the order given) before seed 1, so a queue cut short still has one complete
+    comparison. Runs another process is training (see `running_pid`) are left to it."""
+    names = [suite] if isinstance(suite, str) else list(suite)
+    todo, busy = [], []
+    for rank, name in enumerate(names):
+        for p in list_configs(root, name):
+            run_dir, result = _paths(root, name, p.stem)
+            if result.exists() or (only and not any(key in p.stem for key in only)):
+                continue
+            (busy if running_pid(run_dir) is not None else todo).append((name, rank, p))
+    todo.sort(key=lambda t: (t[2].stem.startswith("facts-"), t[2].stem.rsplit("-s", 1)[-1], t[1], t[2].stem))
+    print(f"suites {'+'.join(names)}: {len(todo)} run(s) to do, {jobs} at a time"
+          + (f"; left to the processes already training {[p.stem for _, _, p in busy]}" if busy else ""),
+          flush=True)
     running: list[tuple[subprocess.Popen, Path]] = []
     failures = 0
     while todo or running:
         while todo and len(running) < jobs:
-            cfg_path = todo.pop(0)
-            cmd = [sys.executable, "-m", "ultramem.experiments.runner", str(root), suite, str(cfg_path)]
+            name, _, cfg_path = todo.pop(0)
+            cmd = [sys.executable, "-m", "ultramem.experiments.runner", str(root), name, str(cfg_path)]
             running.append((subprocess.Popen(cmd), cfg_path))
-            print(f"started {cfg_path.stem}", flush=True)
+            print(f"started {name}/{cfg_path.stem}", flush=True)
         time.sleep(2)
         for proc, cfg_path in list(running):
             if proc.poll() is not None:
@@ -95,11 +147,12 @@ def run_suite(root: Path, suite: str, jobs: int = 1, only: list[str] | None = No
     return 1 if failures else 0
 
 
-def start_background(root: Path, suite: str, jobs: int, only: list[str] | None) -> Path:
-    """Detach a runner for the suite; returns the log path."""
-    log = root / "logs" / f"{suite}.log"
+def start_background(root: Path, suite: str | list[str], jobs: int, only: list[str] | None) -> Path:
+    """Detach a runner for the suite(s), one shared queue; returns the log path."""
+    names = [suite] if isinstance(suite, str) else list(suite)
+    log = root / "logs" / f"{'+'.join(names)}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "ultramem.cli", "exp", "run", suite, "--root", str(root),
+    cmd = [sys.executable, "-m", "ultramem.cli", "exp", "run", *names, "--root", str(root),
            "--jobs", str(jobs)] + (["--only", *only] if only else [])
     with open(log, "a") as fh:
         subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
