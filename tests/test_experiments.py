@@ -103,7 +103,7 @@ def test_probe_evaluates_a_trained_run_under_every_search(tmp_path):
     assert rows[3]["mem0_recall"] == 1.0  # m1 = n' = 16: stage 1 filters nothing
 
 
-def test_a_run_being_trained_is_never_started_twice(tmp_path):
+def test_a_run_being_trained_is_never_started_twice(tmp_path, monkeypatch):
     cfg = _write(tmp_path, "dense", "dense", 0)
     run_dir = tmp_path / "runs/tiny/dense-s0"
     run_dir.mkdir(parents=True)
@@ -113,6 +113,20 @@ def test_a_run_being_trained_is_never_started_twice(tmp_path):
         runner.run_one(tmp_path, "tiny", cfg)
     assert runner.run_suite(tmp_path, "tiny", jobs=1) == 0
     assert not (tmp_path / "results/tiny/dense-s0.json").exists()
+    # ... and it takes one of the `jobs` slots: with jobs=1 the next run waits for it to end.
+    _write(tmp_path, "um", "ultramem", 0)
+    waits = []
+
+    def fake_sleep(_):
+        waits.append(1)
+        if len(waits) == 3:
+            (run_dir / "running.pid").unlink()  # the other process finished
+
+    monkeypatch.setattr(runner.time, "sleep", fake_sleep)
+    assert runner.run_suite(tmp_path, "tiny", jobs=1) == 0
+    monkeypatch.undo()
+    assert len(waits) >= 3 and (tmp_path / "results/tiny/um-s0.json").exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
     # A stale lock (its owner is gone) is taken over, and released when the run ends.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

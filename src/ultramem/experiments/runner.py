@@ -131,7 +131,9 @@ def run_suite(root: Path, suite: str | list[str], jobs: int = 1, only: list[str]
     running: list[tuple[subprocess.Popen, Path]] = []
     failures = 0
     while todo or running:
-        while todo and len(running) < jobs:
+        # Runs other processes are training share the machine: they count against `jobs` too.
+        busy = [t for t in busy if running_pid(_paths(root, t[0], t[2].stem)[0]) is not None]
+        while todo and len(running) + len(busy) < jobs:
             name, _, cfg_path = todo.pop(0)
             cmd = [sys.executable, "-m", "ultramem.experiments.runner", str(root), name, str(cfg_path)]
             running.append((subprocess.Popen(cmd), cfg_path))
