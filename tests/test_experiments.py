@@ -52,7 +52,8 @@ def test_runner_skips_done_and_resumes_started(tmp_path):
     _write(tmp_path, "um", "ultramem", 0)
     result = runner.run_one(tmp_path, "tiny", cfg_a)
     assert result["step"] == 4 and result["tokens"] == 4 * 2 * 16
-    assert runner.status(tmp_path, "tiny") == {"done": ["dense-s0"], "started": [], "pending": ["um-s0"]}
+    assert runner.status(tmp_path, "tiny") == {"done": ["dense-s0"], "running": [], "started": [],
+                                               "pending": ["um-s0"]}
     # Interrupt um after 2 steps (checkpoint kept), then resume it to the end.
     cfg_b = _write(tmp_path, "um", "ultramem", 0, stop_after=2)
     from ultramem.train import train
@@ -111,6 +112,7 @@ def test_a_run_being_trained_is_never_started_twice(tmp_path, monkeypatch):
     (run_dir / "running.pid").write_text(str(os.getppid()))
     with pytest.raises(RuntimeError, match="already being trained by process"):
         runner.run_one(tmp_path, "tiny", cfg)
+    assert runner.status(tmp_path, "tiny")["running"] == ["dense-s0"]
     assert runner.run_suite(tmp_path, "tiny", jobs=1) == 0
     assert not (tmp_path / "results/tiny/dense-s0.json").exists()
     # ... and it takes one of the `jobs` slots: with jobs=1 the next run waits for it to end.

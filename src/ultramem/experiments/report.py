@@ -198,7 +198,7 @@ def write_report(root: Path, suite: str) -> Path:
                   "val windows):", "", table, ""]
         png = analysis.plot_retrieval(root, suite, groups, out_dir / f"{suite}_retrieval.png")
         parts += [f"![{suite} retrieval]({png.name})", ""] if png else []
-    unfinished = st["started"] + st["pending"]
+    unfinished = st["running"] + st["started"] + st["pending"]
     parts += [f"Finished runs: {len(st['done'])}; not finished: "
               + (", ".join(unfinished) if unfinished else "none") + "."]
     path = out_dir / f"{suite}.md"

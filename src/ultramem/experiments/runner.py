@@ -35,12 +35,15 @@ def list_configs(root: Path, suite: str) -> list[Path]:
 
 
 def status(root: Path, suite: str) -> dict[str, list[str]]:
-    """Runs by state: done (result written), started (checkpoint exists), pending."""
-    out = {"done": [], "started": [], "pending": []}
+    """Runs by state: done (result written), running (a live process holds its lock), started
+    (checkpoint exists, nobody training it), pending."""
+    out = {"done": [], "running": [], "started": [], "pending": []}
     for cfg_path in list_configs(root, suite):
         run_dir, result = _paths(root, suite, cfg_path.stem)
         if result.exists():
             out["done"].append(cfg_path.stem)
+        elif running_pid(run_dir) is not None:
+            out["running"].append(cfg_path.stem)
         elif (run_dir / "checkpoint.safetensors").exists():
             out["started"].append(cfg_path.stem)
         else:
