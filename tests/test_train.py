@@ -142,3 +142,18 @@ def test_crash_after_periodic_checkpoint_resumes_exactly(tmp_path, cache_dir, mo
     again = train(_cfg(tmp_path / "b", cache_dir, "dense", **common, resume=True, lr=0.002), log=notes.append)
     assert again["losses"] == [] and again["val_loss"] == full["val_loss"]
     assert any("train.lr: checkpoint has 0.003, this run has 0.002" in n for n in notes)
+
+
+def test_training_reads_are_counted_per_eval_interval(tmp_path, cache_dir):
+    # 2 evals of 3 steps; each step reads 4*16 tokens x 2 heads x 4 slots = 512 rows of 64.
+    cfg = _cfg(tmp_path, cache_dir, "ultramem", steps=6, eval_every=3)
+    train(cfg, log=lambda *_: None)
+    evals = [r for r in read_metrics(cfg.train.out_dir) if r["kind"] == "eval"]
+    assert len(evals) == 2
+    for r in evals:
+        assert 0 < r["mem0_rows_read_train"] <= 1
+        assert 0.1 <= r["mem0_top10pct_reads"] <= 1  # the top 10% of rows take >= 10% of reads
+    off = _cfg(tmp_path / "off", cache_dir, "ultramem", steps=3, eval_every=3, memory_diagnostics=False)
+    train(off, log=lambda *_: None)
+    first_eval = [r for r in read_metrics(off.train.out_dir) if r["kind"] == "eval"][0]
+    assert "mem0_rows_read_train" not in first_eval

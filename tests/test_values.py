@@ -98,3 +98,21 @@ def test_value_table_pool_shapes_and_errors():
         table.pool(row, None, torch.randn(4, 5, 2), 1, impl="triton")
     with pytest.raises(ValueError, match="num_chunks"):
         ValueTable(10, 7, num_chunks=2)
+
+
+def test_read_counts_tally_training_reads_only():
+    table = ValueTable(6, 4, num_chunks=2)
+    torch.nn.init.normal_(table.weight)
+    rows = torch.tensor([[0, 2, 2], [5, 0, 1]])
+    w = torch.rand(2, 3, 2)
+    with pytest.raises(RuntimeError, match="count_reads"):
+        table.take_read_counts()
+    table.count_reads(True)
+    table.pool(rows, None, w)
+    table.eval()
+    table.pool(rows, None, w)  # evaluation reads are not training reads
+    table.train()
+    assert table.take_read_counts().tolist() == [2, 1, 2, 0, 0, 1]
+    assert table.take_read_counts().tolist() == [0] * 6  # restarted
+    table.count_reads(False)
+    assert table.read_counts is None

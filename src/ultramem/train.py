@@ -78,7 +78,7 @@ class TrainConfig:
     resume: bool = False  # continue from out_dir/checkpoint.safetensors when it exists
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps; resume later
     progress: bool = True  # tqdm bar
-    memory_diagnostics: bool = True  # at eval: retrieval recall and share of value rows read
+    memory_diagnostics: bool = True  # at eval: retrieval recall, value rows read (val and training)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "log_every", "eval_windows", "fact_max_new_tokens"):
@@ -226,6 +226,24 @@ def fact_recall(model, data, queries, max_new_tokens: int, amp, batch_size: int 
 
 
 @torch.no_grad()
+def training_reads(model) -> dict:
+    """Per memory layer, from the training batches since the last call (see ValueTable.count_reads):
+    the share of value rows read at least once and the share of reads that went to the most-read
+    10% of rows (0.1 = uniform use; near 1 = a few rows take everything)."""
+    out = {}
+    for i, layer in enumerate(model.memory_layers()):
+        if layer.values.read_counts is None:
+            continue
+        counts = layer.values.take_read_counts()
+        total = counts.sum().item()
+        if total == 0:
+            continue
+        top = counts.topk(max(1, counts.numel() // 10)).values.sum().item()
+        out[f"mem{i}_rows_read_train"] = (counts > 0).float().mean().item()
+        out[f"mem{i}_top10pct_reads"] = top / total
+    return out
+
+
 def evaluate(model, data, tc: TrainConfig, amp) -> dict:
     """Val loss on fixed windows (+ fact recall on facts data); leaves RNG and train mode as found."""
     device = next(model.parameters()).device
@@ -347,6 +365,9 @@ def _train(cfg: RunConfig, log, data) -> dict:
         pending, interval_s = [], 0.0
 
     model.train()
+    if tc.memory_diagnostics:  # dead-row statistics from the training batches, logged at each eval
+        for layer in model.memory_layers():
+            layer.values.count_reads(True)
     while step < end:
         t0 = time.perf_counter()
         opt.set_step(step)
@@ -368,7 +389,7 @@ def _train(cfg: RunConfig, log, data) -> dict:
         if step % tc.log_every == 0 or ckpt_due:  # a checkpoint never holds unlogged steps
             flush_log()
         if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
-            last_eval = evaluate(model, data, tc, amp)
+            last_eval = {**evaluate(model, data, tc, amp), **training_reads(model)}
             metrics.write(kind="eval", step=step, **last_eval)
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
         if ckpt_due:

@@ -38,6 +38,20 @@ class ValueTable(nn.Module):
         self.chunk_dim = dim // num_chunks
         self.sparse = sparse
         self.weight = nn.Parameter(torch.empty(num_rows * num_chunks, self.chunk_dim))
+        self.read_counts: torch.Tensor | None = None  # per-row reads in training mode (not state)
+
+    def count_reads(self, enabled: bool = True) -> None:
+        """Start (or stop) tallying, per physical row, how often `pool` reads it in training mode:
+        the dead-row statistics of a run. Costs one index_add over the kept rows per call."""
+        self.read_counts = (torch.zeros(self.num_rows, dtype=torch.long, device=self.weight.device)
+                            if enabled else None)
+
+    def take_read_counts(self) -> torch.Tensor:
+        """The tally since the last call (or since `count_reads`), and restart it from zero."""
+        if self.read_counts is None:
+            raise RuntimeError("take_read_counts: call count_reads() first")
+        counts, self.read_counts = self.read_counts, torch.zeros_like(self.read_counts)
+        return counts
 
     def rows(self) -> torch.Tensor:
         """The table as (N, dim) (a view; for inspection and tests)."""
@@ -46,6 +60,9 @@ class ValueTable(nn.Module):
     def pool(self, row_TK: torch.Tensor, bag_TK: torch.Tensor | None, w_TKC: torch.Tensor,
              num_bags: int = 1, impl: str = "fused") -> torch.Tensor:
         """Weighted sums of kept rows per (token, bag, chunk) -> (T, num_bags, dim)."""
+        if self.read_counts is not None and self.training:
+            flat = row_TK.reshape(-1)
+            self.read_counts.index_add_(0, flat, torch.ones_like(flat))
         if impl == "fused":
             out_TGCD = pool_fused(self.weight, row_TK, bag_TK, w_TKC, num_bags, self.sparse)
         elif impl == "reference":

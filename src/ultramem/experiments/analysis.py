@@ -14,7 +14,7 @@ import re
 import statistics
 from pathlib import Path
 
-_MEM_KEY = re.compile(r"^mem(\d+)_(recall|rows_used)$")
+_MEM_KEY = re.compile(r"^mem(\d+)_(recall|rows_used|rows_read_train|top10pct_reads)$")
 
 
 def eval_records(root: Path, suite: str, run: dict) -> list[dict]:
@@ -152,9 +152,15 @@ def memory_curves(root: Path, suite: str, runs: list[dict]) -> dict[str, list[tu
 
 
 def retrieval_table(root: Path, suite: str, groups: dict[str, list[dict]]) -> str:
-    """Per memory group and layer: recall vs exact and share of value rows read, first and last eval."""
-    lines = ["| run | seeds | layer | recall vs exact (first eval → last) | "
-             "value rows read on val (first → last) |", "|---|---|---|---|---|"]
+    """Per memory group and layer, first eval -> last: recall vs exact, share of value rows read on
+    val, and (runs that log it) share read by the training batches of the last eval interval and
+    the share of those reads taken by the most-read 10% of rows."""
+    lines = ["| run | seeds | layer | recall vs exact | rows read on val | rows read in training "
+             "(last interval) | reads to the top 10% of rows |", "|---|---|---|---|---|---|---|"]
+
+    def span(pts):
+        return "-" if not pts else f"{pts[0][1]:.3f} → {pts[-1][1]:.3f}"
+
     found = False
     for name in sorted(groups):
         curves = memory_curves(root, suite, groups[name])
@@ -164,8 +170,9 @@ def retrieval_table(root: Path, suite: str, groups: dict[str, list[dict]]) -> st
             if not rec or not used:
                 continue
             found = True
-            lines.append(f"| {name} | {len(groups[name])} | {i} | {rec[0][1]:.3f} → {rec[-1][1]:.3f} | "
-                         f"{used[0][1]:.3f} → {used[-1][1]:.3f} |")
+            lines.append(f"| {name} | {len(groups[name])} | {i} | {span(rec)} | {span(used)} | "
+                         f"{span(curves.get(f'mem{i}_rows_read_train'))} | "
+                         f"{span(curves.get(f'mem{i}_top10pct_reads'))} |")
     return "\n".join(lines) if found else ""
 
 
@@ -179,15 +186,19 @@ def plot_retrieval(root: Path, suite: str, groups: dict[str, list[dict]], out: P
     drawn = False
     for name in sorted(groups):
         for key, pts in memory_curves(root, suite, groups[name]).items():
+            if key.endswith("top10pct_reads"):
+                continue
             ax = ax_r if key.endswith("recall") else ax_u
             layer = key.split("_")[0]
+            train_side = key.endswith("rows_read_train")
+            where = " (training)" if train_side else " (val)" if ax is ax_u else ""
             ax.plot([t / 1e6 for t, _ in pts], [v for _, v in pts], marker="o", ms=3,
-                    label=f"{name} {layer}")
+                    linestyle="--" if train_side else "-", label=f"{name} {layer}{where}")
             drawn = True
     if not drawn:
         plt.close(fig)
         return None
-    for ax, title in ((ax_r, "two-stage recall vs exact top-m"), (ax_u, "share of value rows read (val)")):
+    for ax, title in ((ax_r, "two-stage recall vs exact top-m"), (ax_u, "share of value rows read")):
         ax.set_xlabel("tokens (M)")
         ax.set_title(f"{suite}: {title}")
         ax.set_ylim(0, 1.02)
