@@ -30,6 +30,33 @@ def eval_records(root: Path, suite: str, run: dict) -> list[dict]:
     return out
 
 
+def new_figure(ncols: int = 1, width: float = 6.5):
+    """(figure, axes) on the non-interactive backend (reports run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(width, 4.5))
+
+
+def finish_figure(fig, axes, out: Path, xlabel: str, titles: list[str], ylim=None) -> Path:
+    """Label, grid and legend every axis, then save and close the figure."""
+    import matplotlib.pyplot as plt
+
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 # ------------------------------------------------------------------ sweeps
 
 def sweeps_table(groups: dict[str, list[dict]], base: list[dict], paper: dict[str, float]) -> str:
@@ -104,15 +131,10 @@ def scaling_table(groups: dict[str, list[dict]]) -> str:
 
 
 def plot_scaling(groups: dict[str, list[dict]], out: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pts_by = scaling_points(groups)
     if not pts_by:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = new_figure()
     for sparsity, pts in sorted(pts_by.items()):
         line = ax.plot([x / 1e6 for x, _ in pts], [y for _, y in pts], "o", label=f"sparsity {sparsity}")
         if len({x for x, _ in pts}) >= 2:
@@ -122,15 +144,9 @@ def plot_scaling(groups: dict[str, list[dict]], out: Path) -> Path | None:
                     "-", color=line[0].get_color(), alpha=0.6,
                     label=f"fit: {f['per_doubling']:+.3f} per doubling")
     ax.set_xscale("log")
-    ax.set_xlabel("sparse (value) params (M, log scale)")
     ax.set_ylabel("val loss")
-    ax.set_title("scaling: val loss vs sparse params at fixed sparsity")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return finish_figure(fig, [ax], out, "sparse (value) params (M, log scale)",
+                         ["scaling: val loss vs sparse params at fixed sparsity"])
 
 
 # ------------------------------------------------------------------ retrieval
@@ -177,12 +193,7 @@ def retrieval_table(root: Path, suite: str, groups: dict[str, list[dict]]) -> st
 
 
 def plot_retrieval(root: Path, suite: str, groups: dict[str, list[dict]], out: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_r, ax_u) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_r, ax_u) = new_figure(2, 12)
     drawn = False
     for name in sorted(groups):
         for key, pts in memory_curves(root, suite, groups[name]).items():
@@ -196,15 +207,10 @@ def plot_retrieval(root: Path, suite: str, groups: dict[str, list[dict]], out: P
                     linestyle="--" if train_side else "-", label=f"{name} {layer}{where}")
             drawn = True
     if not drawn:
+        import matplotlib.pyplot as plt
+
         plt.close(fig)
         return None
-    for ax, title in ((ax_r, "two-stage recall vs exact top-m"), (ax_u, "share of value rows read")):
-        ax.set_xlabel("tokens (M)")
-        ax.set_title(f"{suite}: {title}")
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return finish_figure(fig, [ax_r, ax_u], out, "tokens (M)",
+                         [f"{suite}: two-stage recall vs exact top-m", f"{suite}: share of value rows read"],
+                         ylim=(0, 1.02))

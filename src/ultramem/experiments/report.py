@@ -114,12 +114,9 @@ def ablation_table(groups: dict[str, list[dict]], names: list[str] | None = None
 
 def plot_curves(root: Path, suite: str, groups: dict[str, list[dict]], out: Path, prefix: str = "") -> Path:
     """Train loss (smoothed) and val loss against tokens, mean over seeds, one line per group."""
-    import matplotlib
+    from .analysis import finish_figure, new_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_t, ax_v) = new_figure(2, 12)
     for name in sorted(groups):
         if not name.startswith(prefix) or (not prefix and name.startswith("facts-")):
             continue
@@ -138,16 +135,10 @@ def plot_curves(root: Path, suite: str, groups: dict[str, list[dict]], out: Path
             xs = [curves[0][i][0] / 1e6 for i in range(n)]
             ys = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
             ax.plot(xs, ys, label=name, marker="o" if ax is ax_v else None, ms=3)
-    for ax, title in ((ax_t, "train loss"), (ax_v, "val loss")):
-        ax.set_xlabel("tokens (M)")
-        ax.set_title(f"{suite} {prefix.rstrip('-')}: {title} (mean over seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     ax_t.set_ylim(top=min(ax_t.get_ylim()[1], 8))
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    label = f"{suite} {prefix.rstrip('-')}".strip()
+    return finish_figure(fig, [ax_t, ax_v], out, "tokens (M)",
+                         [f"{label}: train loss (mean over seeds)", f"{label}: val loss (mean over seeds)"])
 
 
 def write_report(root: Path, suite: str) -> Path:
