@@ -60,16 +60,26 @@ def test_sweeps_table_reports_against_the_base_and_lists_unfinished():
             {"val_loss": 3.9, "params": {"flops_per_token": 2_000_000}}]
     groups = {"ive-E1": [{"val_loss": 4.0, "params": {"flops_per_token": 1_800_000}}], "ive-E9": []}
     table = analysis.sweeps_table(groups, base, report.PAPER_SWEEP_DELTA)
-    assert "| base E4-r2-h2 (= main ultramem) | 2 | 2.00 | +0.0% | 3.850 ± 0.050 | - |" in table
-    assert "| ive-E1 | 1 | 1.80 | -10.0% | 4.000 | +0.150 | +0.017 |" in table
+    assert "| base E4-r2-h2 (= main ultramem) | 2 | 2.00 | +0.0% | 3.850 ± 0.050 | - | - |" in table
+    assert "| ive-E1 | 1 | 1.80 | -10.0% | 4.000 | +0.150 | n/a (1 seed) | +0.017 |" in table
     assert "| ive-E9 | not finished |" in table
 
 
 def test_ablation_table_never_invents_a_delta():
     groups = {"01-pkm": [{"val_loss": 3.9}], "03-half-vdim-proj": [{"val_loss": 3.8}]}
     table = report.ablation_table(groups, ["01-pkm", "02-rm-softmax", "03-half-vdim-proj"])
-    assert "| 02-rm-softmax | not finished | | | -0.006 |" in table
-    assert "| 03-half-vdim-proj | 1 | 3.800 | - | -0.022 |" in table  # predecessor unfinished
+    assert "| 02-rm-softmax | not finished | | | | -0.006 |" in table
+    assert "| 03-half-vdim-proj | 1 | 3.800 | - | - | -0.022 |" in table  # predecessor unfinished
+
+
+def test_seed_noise_verdict():
+    assert report.separated([3.80, 3.82], [3.90, 3.85]) == "yes (ranges disjoint)"
+    assert report.separated([3.80, 3.86], [3.90, 3.85]) == "no (ranges overlap)"
+    assert report.separated([3.80], [3.90, 3.85]) == "n/a (1 seed)"
+    groups = {"01-pkm": [{"val_loss": 3.9}, {"val_loss": 3.92}],
+              "02-rm-softmax": [{"val_loss": 3.8}, {"val_loss": 3.81}]}
+    assert "| 02-rm-softmax | 2 | 3.805 ± 0.005 | -0.105 | yes (ranges disjoint) | -0.006 |" in \
+        report.ablation_table(groups)
 
 
 def test_retrieval_curves_average_seeds(tmp_path):

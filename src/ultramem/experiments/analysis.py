@@ -61,7 +61,9 @@ def finish_figure(fig, axes, out: Path, xlabel: str, titles: list[str], ylim=Non
 
 def sweeps_table(groups: dict[str, list[dict]], base: list[dict], paper: dict[str, float]) -> str:
     """One row per sweep point: its change, FLOPs beside the base's, val loss and delta vs base."""
-    head = ["run", "seeds", "MFLOP/token", "FLOPs vs base", "val loss", "Δ vs base",
+    from .report import separated
+
+    head = ["run", "seeds", "MFLOP/token", "FLOPs vs base", "val loss", "Δ vs base", "beyond seed noise?",
             "paper Δ vs base (151M, C4)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base_loss = statistics.fmean(r["val_loss"] for r in base) if base else None
@@ -71,7 +73,7 @@ def sweeps_table(groups: dict[str, list[dict]], base: list[dict], paper: dict[st
         ref = paper.get(name)
         ref_s = "-" if ref is None else f"{ref:+.3f}"
         if not rs:
-            lines.append(f"| {name} | not finished | | | | | {ref_s} |")
+            lines.append(f"| {name} | not finished | | | | | | {ref_s} |")
             continue
         flops = rs[0]["params"]["flops_per_token"]
         losses = [r["val_loss"] for r in rs]
@@ -79,8 +81,9 @@ def sweeps_table(groups: dict[str, list[dict]], base: list[dict], paper: dict[st
         spread = f" ± {(max(losses) - min(losses)) / 2:.3f}" if len(rs) > 1 else ""
         rel = "-" if base_flops is None else f"{100 * (flops / base_flops - 1):+.1f}%"
         delta = "-" if base_loss is None or rs is base else f"{mean - base_loss:+.3f}"
+        noise = "-" if base_loss is None or rs is base else separated(losses, [r["val_loss"] for r in base])
         lines.append(f"| {name} | {len(rs)} | {flops / 1e6:.2f} | {rel} | {mean:.3f}{spread} | "
-                     f"{delta} | {ref_s} |")
+                     f"{delta} | {noise} | {ref_s} |")
     return "\n".join(lines)
 
 

@@ -56,6 +56,16 @@ def _fmt(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + ("" if len(values) < 2 else f" ± {spread / 2:.{digits}f}")
 
 
+def separated(a: list[float], b: list[float]) -> str:
+    """Whether two groups' seed ranges are disjoint: the plain test of "beyond seed noise" this
+    report uses (with 2 seeds a group's range is all we know of its noise)."""
+    if len(a) < 2 or len(b) < 2:
+        return "n/a (1 seed)"
+    if max(a) < min(b) or max(b) < min(a):
+        return "yes (ranges disjoint)"
+    return "no (ranges overlap)"
+
+
 def group_table(groups: dict[str, list[dict]], order: list[str] | None = None,
                 paper: dict | None = None, paper_label: str = "paper") -> str:
     """One row per group: params, FLOPs, tokens, val loss, fact recall (if any), train tokens/s."""
@@ -64,7 +74,7 @@ def group_table(groups: dict[str, list[dict]], order: list[str] | None = None,
     head += ["fact acc (seen)", "fact acc (held-out)"] if has_facts else []
     base = groups.get("dense") or groups.get("facts-dense")
     base_loss = statistics.fmean(r["val_loss"] for r in base) if base else None
-    head += ["train tok/s"] + (["Δ val loss vs dense"] if base_loss is not None else [])
+    head += ["train tok/s"] + (["Δ val loss vs dense", "beyond seed noise?"] if base_loss is not None else [])
     head += [paper_label] if paper else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in order or sorted(groups):
@@ -82,6 +92,8 @@ def group_table(groups: dict[str, list[dict]], order: list[str] | None = None,
         row.append(f"{statistics.fmean(r['tokens_per_s'] for r in rs):,.0f}")
         if base_loss is not None:
             row.append(f"{statistics.fmean(r['val_loss'] for r in rs) - base_loss:+.3f}")
+            losses, base_losses = [r["val_loss"] for r in rs], [r["val_loss"] for r in base]
+            row.append("-" if rs is base else separated(losses, base_losses))
         if paper:
             ref = paper.get(name.split("-", 1)[-1] if name[:2].isdigit() else name)
             if ref is not None and not name[:2].isdigit() and paper.get("dense") is not None:
@@ -94,7 +106,8 @@ def group_table(groups: dict[str, list[dict]], order: list[str] | None = None,
 def ablation_table(groups: dict[str, list[dict]], names: list[str] | None = None) -> str:
     """The ladder: our val loss and its change from the previous rung beside the paper's change.
     A rung (or its predecessor) that has not finished gets no delta, never an invented one."""
-    lines = ["| rung | seeds | val loss | our delta | paper delta |", "|---|---|---|---|---|"]
+    lines = ["| rung | seeds | val loss | our delta | beyond seed noise? | paper delta |",
+             "|---|---|---|---|---|---|"]
     prev = None
     for name in names or sorted(groups):
         rs = groups.get(name, [])
@@ -102,13 +115,14 @@ def ablation_table(groups: dict[str, list[dict]], names: list[str] | None = None
         ref = PAPER_ABLATION_DELTA.get(rung)
         ref_s = "-" if ref is None else f"{ref:+.3f}"
         if not rs:
-            lines.append(f"| {name} | not finished | | | {ref_s} |")
+            lines.append(f"| {name} | not finished | | | | {ref_s} |")
             prev = None
             continue
-        mean = statistics.fmean(r["val_loss"] for r in rs)
-        ours = "-" if prev is None else f"{mean - prev:+.3f}"
-        lines.append(f"| {name} | {len(rs)} | {_fmt([r['val_loss'] for r in rs])} | {ours} | {ref_s} |")
-        prev = mean
+        losses = [r["val_loss"] for r in rs]
+        ours = "-" if prev is None else f"{statistics.fmean(losses) - statistics.fmean(prev):+.3f}"
+        noise = "-" if prev is None else separated(losses, prev)
+        lines.append(f"| {name} | {len(rs)} | {_fmt(losses)} | {ours} | {noise} | {ref_s} |")
+        prev = losses
     return "\n".join(lines)
 
 
