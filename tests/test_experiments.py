@@ -149,7 +149,7 @@ def test_several_suites_share_one_queue_seed_zero_first(tmp_path, monkeypatch):
     class FakeProc:
         def __init__(self, cmd):
             started.append(f"{cmd[-2]}/{os.path.basename(cmd[-1])[:-5]}")
-            self.returncode = 0
+            self.returncode, self.pid = 0, 10**9 + len(started)
 
         def poll(self):
             return 0

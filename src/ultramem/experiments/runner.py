@@ -113,30 +113,43 @@ def _train_and_summarise(root, suite, cfg_path, spec, run_dir, result_path) -> d
     return result
 
 
+def live_runs(root: Path) -> dict[Path, int]:
+    """{run folder: PID} of every run of any suite under `root` that a live process is training."""
+    out = {}
+    for run_dir in sorted((root / "runs").glob("*/*")):
+        pid = running_pid(run_dir)
+        if pid is not None:
+            out[run_dir] = pid
+    return out
+
+
 def run_suite(root: Path, suite: str | list[str], jobs: int = 1, only: list[str] | None = None) -> int:
     """Run every unfinished config of the suite(s), `jobs` at a time, each in its own process.
 
     Several suites share one queue: text runs before fact-corpus runs, seed 0 of every variant (of
     every suite, in the order given) before seed 1, so a queue cut short still has one complete
-    comparison. Runs another process is training (see `running_pid`) are left to it."""
+    comparison. `jobs` bounds the trainings on the machine: runs other runners are training (of
+    any suite under `root`) take slots too, and a run another process holds is left to it."""
     names = [suite] if isinstance(suite, str) else list(suite)
-    todo, busy = [], []
+    todo = []
     for rank, name in enumerate(names):
         for p in list_configs(root, name):
-            run_dir, result = _paths(root, name, p.stem)
-            if result.exists() or (only and not any(key in p.stem for key in only)):
+            if _paths(root, name, p.stem)[1].exists() or (only and not any(key in p.stem for key in only)):
                 continue
-            (busy if running_pid(run_dir) is not None else todo).append((name, rank, p))
+            todo.append((name, rank, p))
     todo.sort(key=lambda t: (t[2].stem.startswith("facts-"), t[2].stem.rsplit("-s", 1)[-1], t[1], t[2].stem))
-    print(f"suites {'+'.join(names)}: {len(todo)} run(s) to do, {jobs} at a time"
-          + (f"; left to the processes already training {[p.stem for _, _, p in busy]}" if busy else ""),
-          flush=True)
+    print(f"suites {'+'.join(names)}: {len(todo)} run(s) to do, {jobs} at a time", flush=True)
     running: list[tuple[subprocess.Popen, Path]] = []
     failures = 0
     while todo or running:
-        # Runs other processes are training share the machine: they count against `jobs` too.
-        busy = [t for t in busy if running_pid(_paths(root, t[0], t[2].stem)[0]) is not None]
-        while todo and len(running) + len(busy) < jobs:
+        ours = {proc.pid for proc, _ in running}
+        others = {d: pid for d, pid in live_runs(root).items() if pid not in ours}
+        for t in list(todo):
+            run_dir, result = _paths(root, t[0], t[2].stem)
+            if result.exists() or run_dir in others:  # finished or being trained elsewhere
+                todo.remove(t)
+                print(f"left to another process: {t[0]}/{t[2].stem}", flush=True)
+        while todo and len(running) + len(others) < jobs:
             name, _, cfg_path = todo.pop(0)
             cmd = [sys.executable, "-m", "ultramem.experiments.runner", str(root), name, str(cfg_path)]
             running.append((subprocess.Popen(cmd), cfg_path))
