@@ -66,7 +66,7 @@ class UltraMemConfig(_ConfigMixin):
     # How the top-m slots are found. "rank1" (SPEC): the m1 best rows/columns under the rank-1
     # proxy, then exact scores on that grid. "rank1_both_signs": m1/2 from each end of each proxy,
     # since a slot whose row and column proxies are both negative has a positive product and is
-    # invisible to "rank1" (measured: 55-83% of the exact top-m after training). "exact": brute
+    # invisible to "rank1" (measured: 56-83% of the exact top-m after training). "exact": brute
     # force over the whole n' x n' grid (the oracle; cost grows with n'^2).
     topm_search: str = "rank1"
     tucker_rank: int = 2  # r
