@@ -250,3 +250,23 @@ def test_tied_head_is_the_embedding():
     torch.testing.assert_close(logits, x @ model.tok_emb.weight.T)
     last, _ = model(idx, last_only=True)
     torch.testing.assert_close(last, logits[:, -1:])
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_model_built_under_inference_mode_matches_a_normal_one(kind):
+    # Serving code often builds and loads under inference_mode; the retrieval caches key on version
+    # counters, which inference tensors do not keep, so the layer must fall back to no caching.
+    ref = model_of(kind, seed=3).eval()
+    idx = torch.randint(0, 48, (2, 7))
+    with torch.inference_mode():
+        torch.manual_seed(3)
+        built = LanguageModel(tiny(kind)).eval()
+        logits_inf = built(idx)[0]
+        gen_inf = built.generate(idx, 4, temperature=0.0)
+    with torch.no_grad():  # an inference-built model, used outside inference mode
+        logits_out = built(idx)[0]
+        logits_ref = ref(idx)[0]
+        gen_ref = ref.generate(idx, 4, temperature=0.0)
+    torch.testing.assert_close(logits_inf, logits_ref)
+    torch.testing.assert_close(logits_out, logits_ref)
+    assert torch.equal(gen_inf, gen_ref)

@@ -58,6 +58,11 @@ def _norm(x: torch.Tensor, gain: torch.Tensor | None, kind: str) -> torch.Tensor
     return F.layer_norm(x, (x.shape[-1],), gain, None, eps=1e-6)
 
 
+def _version_of(t: torch.Tensor) -> int | None:
+    """In-place version counter of `t`; None for inference tensors, which do not keep one."""
+    return None if t.is_inference() else t._version
+
+
 def _leading_pair(core_HRR: torch.Tensor, prev_u_HR: torch.Tensor | None, prev_t_HR: torch.Tensor | None):
     """Leading left/right singular vectors per head, signed to stay closest (L1) to the previous pair."""
     U, _, Vh = torch.linalg.svd(core_HRR.detach().float())
@@ -138,19 +143,22 @@ class TuckerRetrieval(nn.Module):
         """Recompute the stage-1 singular vectors u, t of the summed cores (fp32 SVD, no gradient)."""
         if force:
             self._key_cache = None  # once per optimiser step: never trust a cache across updates
-        if self.cores is None:
-            if force:  # additive scores rank rows and columns by their own scores
-                self.u.fill_(1.0)
-                self.t.fill_(1.0)
-            return
-        if not force and self.cores._version == self._cores_version:
-            return
-        have_prev = bool(self.u.abs().sum() > 0)
-        u, t = _leading_pair(self.cores.sum(1), self.u.float() if have_prev else None,
-                             self.t.float() if have_prev else None)
-        self.u.copy_(u)
-        self.t.copy_(t)
-        self._cores_version = self.cores._version
+        # Buffers made under inference mode can only be written inside it (they then hold no grad).
+        with torch.inference_mode(self.u.is_inference()):
+            if self.cores is None:
+                if force:  # additive scores rank rows and columns by their own scores
+                    self.u.fill_(1.0)
+                    self.t.fill_(1.0)
+                return
+            version = _version_of(self.cores)
+            if not force and version is not None and version == self._cores_version:
+                return
+            have_prev = bool(self.u.abs().sum() > 0)
+            u, t = _leading_pair(self.cores.sum(1), self.u.float() if have_prev else None,
+                                 self.t.float() if have_prev else None)
+            self.u.copy_(u)
+            self.t.copy_(t)
+            self._cores_version = -1 if version is None else version
 
     def singular_values(self) -> torch.Tensor:
         """Singular values (H, r) of each head's summed core (differentiable; ones when additive)."""
@@ -181,7 +189,9 @@ class TuckerRetrieval(nn.Module):
             return self._build_key_matrix()
         params = (self.keys_row, self.keys_col, self.k_row_norm, self.k_col_norm, self.q_row_norm,
                   self.q_col_norm)
-        stamp = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+        stamp = tuple((_version_of(p), p.data_ptr(), p.dtype, p.device) for p in params)
+        if any(s[0] is None for s in stamp):  # inference tensors: changes cannot be seen, never cache
+            return self._build_key_matrix()
         if self._key_cache is None or self._key_cache[0] != stamp:
             # Built outside inference mode so the cached tensor is usable in plain no_grad code too.
             with torch.inference_mode(False):
