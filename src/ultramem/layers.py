@@ -74,8 +74,9 @@ class UltraMemLayer(nn.Module):
         _check_input(x_BTD, cfg.dim, "UltraMemLayer", self.training)
         B, T, _ = x_BTD.shape
         idx_BTHM, scores_BTHMC = self.retrieval(x_BTD, exact=exact, conv_state=conv_state)
-        # IVE: virtual slot -> (block g, physical row i) through the fixed permutation.
-        phys_TK = self.perm[idx_BTHM.reshape(B * T, -1)]
+        # IVE: virtual slot -> (block g, physical row i) through the fixed permutation
+        # (index_select: half the time of advanced indexing at decode sizes).
+        phys_TK = self.perm.index_select(0, idx_BTHM.reshape(-1)).view(B * T, -1)
         block_TK = torch.div(phys_TK, cfg.num_values, rounding_mode="floor")
         row_TK = phys_TK - block_TK * cfg.num_values
         w_TKC = scores_BTHMC.reshape(B * T, -1, cfg.num_cores)
