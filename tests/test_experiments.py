@@ -52,8 +52,8 @@ def test_runner_skips_done_and_resumes_started(tmp_path):
     _write(tmp_path, "um", "ultramem", 0)
     result = runner.run_one(tmp_path, "tiny", cfg_a)
     assert result["step"] == 4 and result["tokens"] == 4 * 2 * 16
-    assert runner.status(tmp_path, "tiny") == {"done": ["dense-s0"], "running": [], "started": [],
-                                               "pending": ["um-s0"]}
+    assert runner.status(tmp_path, "tiny") == {"done": ["dense-s0"], "stale": [], "running": [],
+                                               "started": [], "pending": ["um-s0"]}
     # Interrupt um after 2 steps (checkpoint kept), then resume it to the end.
     cfg_b = _write(tmp_path, "um", "ultramem", 0, stop_after=2)
     from ultramem.train import train
@@ -75,6 +75,28 @@ def test_runner_skips_done_and_resumes_started(tmp_path):
     md = report.write_report(tmp_path, "tiny").read_text()
     assert "| dense | 1 |" in md and "| um | 1 |" in md
     assert "not finished: none" in md
+
+
+def test_a_result_from_an_edited_config_is_stale_not_done(tmp_path, capsys):
+    cfg = _write(tmp_path, "dense", "dense", 0)
+    result = runner.run_one(tmp_path, "tiny", cfg)
+    assert result["spec"] == json.loads(cfg.read_text())
+    assert runner.run_suite(tmp_path, "tiny", jobs=1) == 0  # unchanged: skipped as done
+    _write(tmp_path, "dense", "dense", 0, lr=1e-4)  # the config is edited after the run finished
+    assert runner.status(tmp_path, "tiny")["stale"] == ["dense-s0"]
+    assert runner.status(tmp_path, "tiny")["done"] == []
+    capsys.readouterr()
+    assert runner.run_suite(tmp_path, "tiny", jobs=1) == 1  # refused loudly, never rerun silently
+    assert "STALE tiny/dense-s0" in capsys.readouterr().out
+    assert json.loads((tmp_path / "results/tiny/dense-s0.json").read_text()) == result  # untouched
+    md = report.write_report(tmp_path, "tiny").read_text()
+    assert "| dense | 1 |" not in md and "not finished: dense-s0 (stale: config changed)" in md
+    # A result written before specs were recorded counts as current.
+    path = tmp_path / "results/tiny/dense-s0.json"
+    legacy = json.loads(path.read_text())
+    del legacy["spec"]
+    path.write_text(json.dumps(legacy))
+    assert runner.status(tmp_path, "tiny")["done"] == ["dense-s0"]
 
 
 def test_report_lists_unfinished(tmp_path):

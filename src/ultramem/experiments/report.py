@@ -38,8 +38,14 @@ def configured_groups(root: Path, suite: str) -> list[str]:
 
 
 def load_results(root: Path, suite: str) -> dict[str, list[dict]]:
+    """Finished results by group; a result whose config has changed since it ran is left out."""
+    from .runner import result_is_stale
+
     groups: dict[str, list[dict]] = defaultdict(list)
     for path in sorted((root / "results" / suite).glob("*.json")):
+        cfg = root / "configs" / suite / path.name
+        if cfg.exists() and result_is_stale(path, cfg):
+            continue
         r = json.loads(path.read_text())
         groups[r["group"]].append(r)
     return groups
@@ -203,7 +209,8 @@ def write_report(root: Path, suite: str) -> Path:
                   "val windows):", "", table, ""]
         png = analysis.plot_retrieval(root, suite, groups, out_dir / f"{suite}_retrieval.png")
         parts += [f"![{suite} retrieval]({png.name})", ""] if png else []
-    unfinished = st["running"] + st["started"] + st["pending"]
+    unfinished = st["running"] + st["started"] + st["pending"] + [f"{n} (stale: config changed)"
+                                                                  for n in st["stale"]]
     parts += [f"Finished runs: {len(st['done'])}; not finished: "
               + (", ".join(unfinished) if unfinished else "none") + "."]
     path = out_dir / f"{suite}.md"

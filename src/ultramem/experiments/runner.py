@@ -34,14 +34,30 @@ def list_configs(root: Path, suite: str) -> list[Path]:
     return sorted(folder.glob("*.json"))
 
 
+def result_is_stale(result_path: Path, cfg_path: Path) -> bool:
+    """True when a finished run's recorded config differs from its config file now.
+
+    Editing a config after its run finished must not leave the old numbers standing in for the new
+    config. Results written before configs were recorded in them carry none and count as current."""
+    spec = json.loads(result_path.read_text()).get("spec")
+    return spec is not None and spec != json.loads(cfg_path.read_text())
+
+
+def _stale_message(suite: str, name: str) -> str:
+    return (f"STALE {suite}/{name}: its result was made from a different config than "
+            f"configs/{suite}/{name}.json holds now; not rerun. Move results/{suite}/{name}.* and "
+            f"runs/{suite}/{name}/ aside (or restore the config) to go on.")
+
+
 def status(root: Path, suite: str) -> dict[str, list[str]]:
-    """Runs by state: done (result written), running (a live process holds its lock), started
-    (checkpoint exists, nobody training it), pending."""
-    out = {"done": [], "running": [], "started": [], "pending": []}
+    """Runs by state: done (result written from the current config), stale (result written from a
+    different config), running (a live process holds its lock), started (checkpoint exists, nobody
+    training it), pending."""
+    out = {"done": [], "stale": [], "running": [], "started": [], "pending": []}
     for cfg_path in list_configs(root, suite):
         run_dir, result = _paths(root, suite, cfg_path.stem)
         if result.exists():
-            out["done"].append(cfg_path.stem)
+            out["stale" if result_is_stale(result, cfg_path) else "done"].append(cfg_path.stem)
         elif running_pid(run_dir) is not None:
             out["running"].append(cfg_path.stem)
         elif (run_dir / "checkpoint.safetensors").exists():
@@ -106,7 +122,8 @@ def _train_and_summarise(root, suite, cfg_path, spec, run_dir, result_path) -> d
     summary.pop("losses", None)
     result = {"name": spec["name"], "group": spec.get("group", spec["name"]), "seed": spec.get("seed"),
               "suite": suite, "config": str(cfg_path), "wall_seconds_last_session": time.time() - t0,
-              "tokens": summary["step"] * cfg.train.batch_size * cfg.train.seq_len, **summary}
+              "tokens": summary["step"] * cfg.train.batch_size * cfg.train.seq_len, **summary,
+              "spec": spec}
     result_path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "metrics.jsonl", result_path.with_suffix(".metrics.jsonl"))
     atomic_write_text(result_path, json.dumps(result, indent=1) + "\n")
@@ -131,12 +148,19 @@ def run_suite(root: Path, suite: str | list[str], jobs: int = 1, only: list[str]
     comparison. `jobs` bounds the trainings on the machine: runs other runners are training (of
     any suite under `root`) take slots too, and a run another process holds is left to it."""
     names = [suite] if isinstance(suite, str) else list(suite)
-    todo = []
+    todo, stale = [], []
     for rank, name in enumerate(names):
         for p in list_configs(root, name):
-            if _paths(root, name, p.stem)[1].exists() or (only and not any(key in p.stem for key in only)):
+            if only and not any(key in p.stem for key in only):
+                continue
+            result = _paths(root, name, p.stem)[1]
+            if result.exists():
+                if result_is_stale(result, p):
+                    stale.append(_stale_message(name, p.stem))
                 continue
             todo.append((name, rank, p))
+    for msg in stale:
+        print(msg, flush=True)
     todo.sort(key=lambda t: (t[2].stem.startswith("facts-"), t[2].stem.rsplit("-s", 1)[-1], t[1], t[2].stem))
     print(f"suites {'+'.join(names)}: {len(todo)} run(s) to do, {jobs} at a time", flush=True)
     running: list[tuple[subprocess.Popen, Path]] = []
@@ -162,7 +186,9 @@ def run_suite(root: Path, suite: str | list[str], jobs: int = 1, only: list[str]
                 failures += not ok
                 state = "finished" if ok else f"FAILED (exit {proc.returncode})"
                 print(f"{state} {cfg_path.stem}", flush=True)
-    return 1 if failures else 0
+    for msg in stale:  # again at the end, where a long log is read
+        print(msg, flush=True)
+    return 1 if failures or stale else 0
 
 
 def start_background(root: Path, suite: str | list[str], jobs: int, only: list[str] | None) -> Path:
