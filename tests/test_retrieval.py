@@ -147,6 +147,34 @@ def test_paper_query_gain_uses_expected_top_m_mean():
     torch.testing.assert_close(authors.retrieval.q_col_norm.detach(), torch.full((8,), 8 ** -0.33))
 
 
+@pytest.mark.parametrize("kw", [
+    dict(num_keys=16, topk=8),
+    dict(num_keys=16, topk=8, tucker_rank=3, num_cores=1, value_dim=8),
+    dict(num_keys=9, topk=4, value_expansion=1, topm_search="rank1_both_signs", stage1_topk=6),
+    dict(num_keys=12, topk=6, score="additive", tucker_rank=1, num_cores=1),
+    dict(num_keys=12, topk=6, query_conv=True, norm="layer"),
+])
+def test_calibrated_init_sets_kept_scores_to_unit_rms(kw):
+    torch.manual_seed(7)
+    paper = UltraMemLayer(small_cfg(**kw))
+    torch.manual_seed(7)
+    calibrated = UltraMemLayer(small_cfg(init="calibrated", **kw))
+    after_calibrated = torch.rand(3)
+    # Held-out inputs (another seed than the calibration's): the measured RMS is ~1 ...
+    assert 0.85 < calibrated.retrieval.kept_score_rms(seed=123) < 1.15
+    # ... while the SPEC's E[Y] estimate leaves it well above 1 for these sizes.
+    assert paper.retrieval.kept_score_rms(seed=123) > 1.3
+    # Only the query gains differ (values use the paper's std); the global RNG stream is untouched.
+    torch.manual_seed(7)
+    UltraMemLayer(small_cfg(**kw))
+    assert torch.equal(torch.rand(3), after_calibrated)
+    for (name, a), (_, b) in zip(paper.state_dict().items(), calibrated.state_dict().items(), strict=True):
+        if not name.startswith("retrieval.q_"):
+            assert torch.equal(a, b), name
+    gain = calibrated.retrieval.q_row_norm
+    assert torch.equal(gain, calibrated.retrieval.q_col_norm) and (gain == gain[0]).all()
+
+
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 def test_norm_kinds_run(norm):
     layer = UltraMemLayer(small_cfg(norm=norm))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 NORM_KINDS = ("rms", "layer")
 PKM_NORM_KINDS = ("batch", "layer", "rms", "none")
-INIT_KINDS = ("paper", "authors")
+INIT_KINDS = ("paper", "authors", "calibrated")
 LOOKUP_KINDS = ("fused", "reference")
 SCORE_KINDS = ("tucker", "additive")
 SEARCH_KINDS = ("rank1", "rank1_both_signs", "exact")
@@ -79,7 +79,9 @@ class UltraMemConfig(_ConfigMixin):
     query_conv: bool = False  # causal depthwise conv (kernel 3) on the input before W_q
     core_loss_coef: float = 0.0  # alpha of the optional core auxiliary loss; 0 disables it
     core_loss_tau: float = 0.15
-    init: str = "paper"  # "paper" (SPEC) or "authors" (their code: values N(0, 0.02^2), gains D_k^-0.33)
+    # "paper" (SPEC), "authors" (their code: values N(0, 0.02^2), gains D_k^-0.33) or "calibrated"
+    # (the paper's, with the query gain set from the measured kept scores instead of E[Y])
+    init: str = "paper"
     lookup: str = "fused"  # "fused" (embedding_bag) or "reference" (gather + einsum, the oracle)
     sparse_values: bool = False  # row-sparse value gradients (use a sparse/lazy optimiser for them)
 

@@ -44,19 +44,20 @@ class UltraMemLayer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise every tensor (SPEC section 4, "paper" init unless cfg.init == "authors").
+        """Initialise every tensor (SPEC section 4; cfg.init picks "paper", "authors" or "calibrated").
 
         - values: N(0, E / (2 m H L)) so the output variance matches a GPT residual branch when
           kept scores are ~1 ("authors": N(0, 0.02^2));
         - W_q and keys: N(0, 1/D_k); cores: U(0, 1);
         - key-norm gains 1/sqrt(D_k); query-norm gains 1/sqrt(E[Y]) with Y the mean of the top-m
-          of m1^2 N(0, 1) draws ("authors": both D_k^-0.33);
+          of m1^2 N(0, 1) draws ("authors": both D_k^-0.33; "calibrated": the gain that makes the
+          kept per-core scores' RMS 1 on random inputs, measured through the real search);
         - W_o: N(0, 1/(E D_v)); query conv (if any): PyTorch's default;
         - perm: a fresh random permutation of the E*N virtual slots (drawn in __init__, kept here).
         """
         cfg = self.cfg
         self.retrieval.reset_parameters()
-        if cfg.init == "paper":
+        if cfg.init in ("paper", "calibrated"):
             std = (cfg.value_expansion / (2 * cfg.topk * cfg.heads * cfg.depth)) ** 0.5
         else:
             std = 0.02
