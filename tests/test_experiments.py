@@ -67,6 +67,8 @@ def test_runner_skips_done_and_resumes_started(tmp_path):
     assert runner.run_suite(tmp_path, "tiny", jobs=1) == 0
     done = json.loads((tmp_path / "results/tiny/um-s0.json").read_text())
     assert done["step"] == 4
+    # The runner's segment ran under this checkout: its version, recorded once.
+    assert done["code_versions"] == [runner.code_version()]
     steps = [json.loads(x)["step"] for x in
              (tmp_path / "results/tiny/um-s0.metrics.jsonl").read_text().splitlines()
              if json.loads(x)["kind"] == "train"]

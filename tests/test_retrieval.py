@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from ultramem import UltraMemConfig, UltraMemLayer, retrieval_recall
 from ultramem.retrieval import _leading_pair, expected_topm_mean
@@ -124,9 +125,20 @@ def test_refresh_happens_automatically_after_an_optimiser_step():
     assert not torch.equal(layer.retrieval.u, before)
 
 
+def test_query_conv_starts_as_identity():
+    torch.manual_seed(5)
+    plain = UltraMemLayer(small_cfg())
+    conv = UltraMemLayer(small_cfg(query_conv=True))
+    missing = conv.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["retrieval.conv.weight"]
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(conv(x), plain(x))
+
+
 def test_query_conv_is_causal():
     torch.manual_seed(5)
     layer = UltraMemLayer(small_cfg(query_conv=True))
+    nn.init.normal_(layer.retrieval.conv.weight)  # a trained conv, not the identity it starts as
     x = torch.randn(1, 6, 32)
     y = layer(x)
     x2 = x.clone()

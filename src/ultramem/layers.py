@@ -52,7 +52,7 @@ class UltraMemLayer(nn.Module):
         - key-norm gains 1/sqrt(D_k); query-norm gains 1/sqrt(E[Y]) with Y the mean of the top-m
           of m1^2 N(0, 1) draws ("authors": both D_k^-0.33; "calibrated": the gain that makes the
           kept per-core scores' RMS 1 on random inputs, measured through the real search);
-        - W_o: N(0, 1/(E D_v)); query conv (if any): PyTorch's default;
+        - W_o: N(0, 1/(E D_v)); query conv (if any): the identity (current step 1, past 0);
         - perm: a fresh random permutation of the E*N virtual slots (drawn in __init__, kept here).
         """
         cfg = self.cfg

@@ -111,9 +111,40 @@ def run_one(root: Path, suite: str, cfg_path: Path) -> dict:
         lock.unlink(missing_ok=True)
 
 
+def code_version() -> str:
+    """`git describe --always --dirty` of the checkout this package runs from ("unknown" outside
+    git): a config records what ran, this records which code ran it."""
+    here = Path(__file__).parent
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=20)
+
+    try:
+        # An installed copy (site-packages) may sit inside some other repository: only a checkout
+        # that tracks this very file describes the code.
+        if git("ls-files", "--error-unmatch", Path(__file__).name).returncode != 0:
+            return "unknown"
+        out = git("describe", "--always", "--dirty", "--abbrev=12")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def _note_code_version(run_dir: Path) -> list[str]:
+    """Append this session's code version to the run's list (a resumed run may span several)."""
+    path = run_dir / "code_versions.txt"
+    seen = path.read_text().split() if path.exists() else []
+    version = code_version()
+    if not seen or seen[-1] != version:
+        seen.append(version)
+        atomic_write_text(path, "\n".join(seen) + "\n")
+    return seen
+
+
 def _train_and_summarise(root, suite, cfg_path, spec, run_dir, result_path) -> dict:
     from ..train import RunConfig, train
 
+    versions = _note_code_version(run_dir)
     train_cfg = {**spec["train"], "out_dir": str(run_dir), "resume": True,
                  "cache_dir": str(root / "cache")}
     cfg = RunConfig.from_dict({"model": spec["model"], "data": spec["data"], "train": train_cfg})
@@ -123,7 +154,7 @@ def _train_and_summarise(root, suite, cfg_path, spec, run_dir, result_path) -> d
     result = {"name": spec["name"], "group": spec.get("group", spec["name"]), "seed": spec.get("seed"),
               "suite": suite, "config": str(cfg_path), "wall_seconds_last_session": time.time() - t0,
               "tokens": summary["step"] * cfg.train.batch_size * cfg.train.seq_len, **summary,
-              "spec": spec}
+              "code_versions": versions, "spec": spec}
     result_path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "metrics.jsonl", result_path.with_suffix(".metrics.jsonl"))
     atomic_write_text(result_path, json.dumps(result, indent=1) + "\n")
