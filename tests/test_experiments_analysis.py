@@ -89,10 +89,18 @@ def test_retrieval_curves_average_seeds(tmp_path):
     curves = analysis.memory_curves(tmp_path, "main", runs)
     assert curves["mem0_recall"] == [(500.0, pytest.approx(0.55)), (1000.0, pytest.approx(0.35))]
     table = analysis.retrieval_table(tmp_path, "main", {"um": runs})
-    assert "| um | 2 | 0 | 0.550 → 0.350 | 0.200 → 0.400 | - | - |" in table
+    assert "| um | 2 | 0 | 0.550 → 0.350 | 0.200 → 0.400 | - | - | - |" in table
     assert analysis.plot_retrieval(tmp_path, "main", {"um": runs}, tmp_path / "r.png").exists()
     dense = [_result(tmp_path, "main", "d-s0", "d", 0, 3.0, evals=[(10, {})])]
     assert analysis.retrieval_table(tmp_path, "main", {"d": dense}) == ""
+
+
+def test_collapse_is_flagged_per_seed_not_hidden_by_the_mean():
+    runs = [{"seed": 0, "mem0_rows_read_train": 0.95, "mem1_rows_read_train": 0.2},
+            {"seed": 1, "mem0_rows_read_train": 0.9, "mem1_rows_read_train": 0.97}]
+    assert analysis.collapsed_seeds(runs, 0) == "no"
+    assert analysis.collapsed_seeds(runs, 1) == "seed 0"  # the mean (0.585) would pass
+    assert analysis.collapsed_seeds(runs, 2) == "-"
 
 
 @pytest.mark.parametrize("suite", sorted(suites.SUITES))

@@ -170,12 +170,29 @@ def memory_curves(root: Path, suite: str, runs: list[dict]) -> dict[str, list[tu
     return out
 
 
+# A layer whose training batches read under half of its value rows in the last eval interval has
+# collapsed onto a few keys: every run that did (rungs 5-7 of the first ablation, the calibrated
+# init) is 0.1-0.5 behind its neighbours; healthy layers read 84-99%.
+COLLAPSED_BELOW = 0.5
+
+
+def collapsed_seeds(runs: list[dict], layer: int) -> str:
+    """"-" (not logged), "no", or the seeds whose layer read < COLLAPSED_BELOW of its rows in training."""
+    key = f"mem{layer}_rows_read_train"
+    logged = [r for r in runs if r.get(key) is not None]
+    if not logged:
+        return "-"
+    bad = [str(r.get("seed")) for r in logged if r[key] < COLLAPSED_BELOW]
+    return f"seed {', '.join(bad)}" if bad else "no"
+
+
 def retrieval_table(root: Path, suite: str, groups: dict[str, list[dict]]) -> str:
     """Per memory group and layer, first eval -> last: recall vs exact, share of value rows read on
-    val, and (runs that log it) share read by the training batches of the last eval interval and
-    the share of those reads taken by the most-read 10% of rows."""
+    val, and (runs that log it) share read by the training batches of the last eval interval, the
+    share of those reads taken by the most-read 10% of rows, and which seeds collapsed."""
     lines = ["| run | seeds | layer | recall vs exact | rows read on val | rows read in training "
-             "(last interval) | reads to the top 10% of rows |", "|---|---|---|---|---|---|---|"]
+             f"(last interval) | reads to the top 10% of rows | collapsed (< {COLLAPSED_BELOW:.0%} of "
+             "rows read in training) |", "|---|---|---|---|---|---|---|---|"]
 
     def span(pts):
         return "-" if not pts else f"{pts[0][1]:.3f} → {pts[-1][1]:.3f}"
@@ -191,7 +208,8 @@ def retrieval_table(root: Path, suite: str, groups: dict[str, list[dict]]) -> st
             found = True
             lines.append(f"| {name} | {len(groups[name])} | {i} | {span(rec)} | {span(used)} | "
                          f"{span(curves.get(f'mem{i}_rows_read_train'))} | "
-                         f"{span(curves.get(f'mem{i}_top10pct_reads'))} |")
+                         f"{span(curves.get(f'mem{i}_top10pct_reads'))} | "
+                         f"{collapsed_seeds(groups[name], i)} |")
     return "\n".join(lines) if found else ""
 
 
