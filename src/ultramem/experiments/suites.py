@@ -153,9 +153,10 @@ def scaling_suite() -> list[dict]:
     ratio = value params / dense activated params (1.05M); two layers of D_v = 64 values, so
     N = ratio * 1.05M / 128 rows a layer; top-m = N / (heads * sparsity).
 
-    The authors' init: the SPEC's is 0.08 worse in `main` (2 seeds) and "calibrated" (the SPEC's
-    with kept scores really ~1) worse still, so a curve of either would measure a handicapped model.
-    Its fixed value std lets the output grow with sqrt(m) along a curve, as in the authors' code."""
+    The authors' init: in `main` the SPEC's is 0.08 worse (2 seeds) and "calibrated" (the SPEC's
+    with kept scores really ~1) collapsed in one seed of two and trailed the authors' in the other,
+    so a curve of either would measure a handicapped model. Its fixed value std lets the output grow
+    with sqrt(m) along a curve, as in the authors' code."""
     runs = []
     for sparsity in (512, 2048):
         for ratio in (2, 4, 8, 16, 32):
