@@ -160,7 +160,7 @@ class TuckerRetrieval(nn.Module):
 
         The SPEC's E[Y] models a kept score as the best of m1^2 N(0, 1) draws, but the kept slots
         are the best of n'^2 bilinear products of the best rows and columns: at init they score
-        several times more (3.6-4.8 a core in the main experiments' layers), which is what this
+        several times more (RMS ~4 a core in the main experiments' layers), which is what this
         measures instead. Its own generator, so the global RNG stream (and every other tensor's
         init) is the same as under init="paper"."""
         gen = torch.Generator(device=self.w_q.weight.device).manual_seed(seed)

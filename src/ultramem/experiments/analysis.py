@@ -171,8 +171,9 @@ def memory_curves(root: Path, suite: str, runs: list[dict]) -> dict[str, list[tu
 
 
 # A layer whose training batches read under half of its value rows in the last eval interval has
-# collapsed onto a few keys: every run that did (rungs 5-7 of the first ablation, the calibrated
-# init) is 0.1-0.5 behind its neighbours; healthy layers read 84-99%.
+# collapsed onto a few keys: every run that did (ablation rung 7, rungs 5-6 of the first ablation
+# attempt, one calibrated-init seed) is 0.1-0.5 behind its neighbours; healthy UltraMem layers read
+# 84-99%, PKM layers 60-98% (EXPERIMENTS.md, "collapse").
 COLLAPSED_BELOW = 0.5
 
 
