@@ -23,6 +23,9 @@ BASE = dict(dim=64, num_keys=8, key_dim=16, value_dim=32, heads=2, topk=8)
     ({"lookup": "triton"}, "lookup", "one of"),
     ({"core_loss_coef": -1.0}, "core_loss_coef", ">= 0"),
     ({"core_loss_coef": 1e-3, "tucker_rank": 1}, "core_loss_coef", "tucker_rank >= 2"),
+    ({"value_init_std": 0.0}, "value_init_std", "number > 0"),
+    ({"value_init_std": float("nan")}, "value_init_std", "number > 0"),
+    ({"value_init_std": "0.02"}, "value_init_std", "number > 0"),
 ])
 def test_ultramem_config_errors(changes, field, rule):
     with pytest.raises(ValueError, match=rf"^{field}: .*{rule}.*\(got "):
@@ -54,7 +57,9 @@ def test_round_trip_and_unknown_fields():
 
 def test_pkm_config_shares_field_names():
     shared = {"dim", "num_keys", "key_dim", "heads", "topk", "value_dim", "dim_out", "lookup",
-              "sparse_values"}
+              "sparse_values", "value_init_std"}
     assert shared <= set(PKMConfig.__dataclass_fields__) & set(UltraMemConfig.__dataclass_fields__)
     with pytest.raises(ValueError, match="^num_keys: must be a positive int"):
         PKMConfig(dim=8, num_keys=0)
+    with pytest.raises(ValueError, match="^value_init_std: must be a number > 0"):
+        PKMConfig(dim=8, value_init_std=-0.1)

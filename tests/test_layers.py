@@ -144,6 +144,22 @@ def test_paper_value_init_variance():
     assert abs(authors.values.weight.std().item() / 0.02 - 1) < 0.05
 
 
+@pytest.mark.parametrize("init", ["paper", "authors", "calibrated"])
+def test_value_init_std_overrides_only_the_values(init):
+    cfg = small_cfg(num_keys=32, topk=8, value_dim=16, init=init)
+    torch.manual_seed(7)
+    plain = UltraMemLayer(cfg)
+    torch.manual_seed(7)
+    scaled = UltraMemLayer(cfg.replace(value_init_std=0.3))
+    assert abs(scaled.values.weight.std().item() / 0.3 - 1) < 0.05
+    # Same draws, rescaled: the override consumes the RNG exactly like the init it replaces.
+    ratio = scaled.values.weight / plain.values.weight
+    torch.testing.assert_close(ratio, torch.full_like(ratio, ratio.flatten()[0].item()))
+    for (name, a), (_, b) in zip(plain.state_dict().items(), scaled.state_dict().items(), strict=True):
+        if name != "values.weight":
+            assert torch.equal(a, b), name
+
+
 def test_core_aux_loss():
     layer = UltraMemLayer(small_cfg(tucker_rank=3))
     assert layer.aux_loss().item() == 0

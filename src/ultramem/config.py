@@ -22,6 +22,12 @@ def _fail(field: str, rule: str, value) -> None:
     raise ValueError(f"{field}: {rule} (got {value!r})")
 
 
+def _optional_positive_number(name: str, value) -> None:
+    ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
+    if not ok:  # NaN fails `value > 0` too
+        _fail(name, "must be a number > 0, or None for the default", value)
+
+
 def _positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         _fail(name, "must be a positive int", value)
@@ -82,6 +88,9 @@ class UltraMemConfig(_ConfigMixin):
     # "paper" (SPEC), "authors" (their code: values N(0, 0.02^2), gains D_k^-0.33) or "calibrated"
     # (the paper's, with the query gain set from the measured kept scores instead of E[Y])
     init: str = "paper"
+    # Overrides only the value table's init std (the rest of `init` stays). The value scale decides
+    # whether early training collapses a layer onto a few rows (EXPERIMENTS.md, "collapse").
+    value_init_std: float | None = None
     lookup: str = "fused"  # "fused" (embedding_bag) or "reference" (gather + einsum, the oracle)
     sparse_values: bool = False  # row-sparse value gradients (use a sparse/lazy optimiser for them)
 
@@ -118,6 +127,7 @@ class UltraMemConfig(_ConfigMixin):
             _fail("topk", f"must be <= the virtual grid n'^2={self.keys_per_side ** 2}", self.topk)
         if self.core_loss_coef < 0:
             _fail("core_loss_coef", "must be >= 0", self.core_loss_coef)
+        _optional_positive_number("value_init_std", self.value_init_std)
         if self.tucker_rank < 2 and self.core_loss_coef > 0:
             _fail("core_loss_coef", "needs tucker_rank >= 2 (the loss penalises singular values 2..r)",
                   self.core_loss_coef)
@@ -188,8 +198,7 @@ class PKMConfig(_ConfigMixin):
             _fail("key_dim", "must be even (split into two halves, one per sub-key set)", self.key_dim)
         if self.topk > self.num_keys:
             _fail("topk", f"must be <= num_keys={self.num_keys} (top-k per side)", self.topk)
-        if self.value_init_std is not None and self.value_init_std <= 0:
-            _fail("value_init_std", "must be > 0", self.value_init_std)
+        _optional_positive_number("value_init_std", self.value_init_std)
 
     @property
     def out_dim(self) -> int:

@@ -47,7 +47,7 @@ class UltraMemLayer(nn.Module):
         """Initialise every tensor (SPEC section 4; cfg.init picks "paper", "authors" or "calibrated").
 
         - values: N(0, E / (2 m H L)) so the output variance matches a GPT residual branch when
-          kept scores are ~1 ("authors": N(0, 0.02^2));
+          kept scores are ~1 ("authors": N(0, 0.02^2); cfg.value_init_std, if set, overrides both);
         - W_q and keys: N(0, 1/D_k); cores: U(0, 1);
         - key-norm gains 1/sqrt(D_k); query-norm gains 1/sqrt(E[Y]) with Y the mean of the top-m
           of m1^2 N(0, 1) draws ("authors": both D_k^-0.33; "calibrated": the gain that makes the
@@ -57,7 +57,9 @@ class UltraMemLayer(nn.Module):
         """
         cfg = self.cfg
         self.retrieval.reset_parameters()
-        if cfg.init in ("paper", "calibrated"):
+        if cfg.value_init_std is not None:
+            std = cfg.value_init_std
+        elif cfg.init in ("paper", "calibrated"):
             std = (cfg.value_expansion / (2 * cfg.topk * cfg.heads * cfg.depth)) ** 0.5
         else:
             std = 0.02
