@@ -75,6 +75,10 @@ def main_suite() -> list[dict]:
     # output's std is then 0.35, against the paper's 1.4-1.8 and the authors' 0.14-0.18).
     calibrated = {**ULTRAMEM, "memory": {**ULTRAMEM["memory"], "init": "calibrated"}}
     runs += [_run("ultramem-calibrated-init", calibrated, DATA_TEXT, s) for s in SEEDS]
+    # The paper's gains with the authors' value scale: over the first 104 steps the value std, not
+    # the gains, separated the two inits (experiments/probes/early_collapse.sh).
+    small_values = {**ULTRAMEM, "memory": {**ULTRAMEM["memory"], "value_init_std": 0.02}}
+    runs += [_run("ultramem-paper-init-small-values", small_values, DATA_TEXT, s) for s in SEEDS]
     return runs
 
 
