@@ -146,7 +146,10 @@ def plot_scaling(groups: dict[str, list[dict]], out: Path) -> Path | None:
             ax.plot([x / 1e6 for x in xs], [f["intercept"] + f["slope"] * math.log(x) for x in xs],
                     "-", color=line[0].get_color(), alpha=0.6,
                     label=f"fit: {f['per_doubling']:+.3f} per doubling")
-    ax.set_xscale("log")
+    ax.set_xscale("log", base=2)
+    ticks = sorted({x / 1e6 for pts in pts_by.values() for x, _ in pts})
+    ax.set_xticks(ticks, [f"{t:.1f}" for t in ticks])  # the measured sizes, not powers of 10
+    ax.minorticks_off()
     ax.set_ylabel("val loss")
     return finish_figure(fig, [ax], out, "sparse (value) params (M, log scale)",
                          ["scaling: val loss vs sparse params at fixed sparsity"])
