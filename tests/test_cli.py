@@ -46,6 +46,26 @@ def test_set_parsing_and_merge_order(tmp_path):
     assert assemble_config(None, str(toml))["train"]["steps"] == 9
 
 
+def test_runner_configs_train_as_written(tmp_path):
+    from ultramem.experiments.suites import main_suite
+    from ultramem.train import RunConfig
+
+    spec = next(r for r in main_suite() if r["seed"] == 1)
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(spec))
+    d = assemble_config(None, str(cfg), ["train.steps=100"])
+    assert set(d) == {"model", "data", "train"}  # name/group/seed dropped, nothing else
+    assert d["model"] == spec["model"] and d["data"] == spec["data"]
+    assert d["train"] == {**spec["train"], "steps": 100} and d["train"]["seed"] == 1
+    RunConfig.from_dict(d)  # and it validates as a run config
+    # a top-level seed alone becomes the training seed
+    cfg.write_text(json.dumps({"name": "x", "seed": 4, "train": {"steps": 2}}))
+    assert assemble_config(None, str(cfg))["train"] == {"steps": 2, "seed": 4}
+    cfg.write_text(json.dumps({"seed": 3, "train": {"seed": 0}}))
+    with pytest.raises(ValueError, match=r"has seed 3 but train.seed 0"):
+        assemble_config(None, str(cfg))
+
+
 @pytest.mark.parametrize("assignment, match", [
     ("steps=3", "expected section.key=value"),
     ("trian.steps=3", r"unknown section 'trian'; allowed are \['model', 'data', 'train'\]"),

@@ -36,9 +36,7 @@ for p in "${probes[@]}"; do
   if [[ -f $out/$name/done ]]; then echo "skip $name (done)"; continue; fi
   rm -rf "${out:?}/$name"
   mkdir -p "$out/$name"
-  # Runner configs carry name/group/seed beside the model/data/train tables `ultramem train` takes.
-  python -c 'import json, sys; c = json.load(open(sys.argv[1])); print(json.dumps({k: c[k] for k in ("model", "data", "train")}))' \
-    "$root/configs/main/$cfg-s$seed.json" >"$out/$name/config.json"
+  cp "$root/configs/main/$cfg-s$seed.json" "$out/$name/config.json"
   sets=(--set train.stop_after=104 --set train.eval_every=13 --set train.cache_dir=$root/cache)
   [[ -n $extra ]] && sets+=(--set "$extra")
   echo "probe $name: $cfg-s$seed ${extra:-(as configured)}"

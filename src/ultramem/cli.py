@@ -81,12 +81,35 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+RUN_METADATA = ("name", "group", "seed")
+
+
+def strip_run_metadata(d: dict, path) -> dict:
+    """Drop the experiment runner's name/group/seed keys so its configs train as they are.
+
+    `seed` is kept only as a check: the training seed is `train.seed`, and a file whose two seeds
+    disagree is refused rather than silently trained with one of them.
+    """
+    if not any(k in d for k in RUN_METADATA):
+        return d
+    out = {k: v for k, v in d.items() if k not in RUN_METADATA}
+    if "seed" in d:
+        train = out.get("train")
+        if not isinstance(train, dict):
+            train = {}
+        if "seed" in train and train["seed"] != d["seed"]:
+            raise ValueError(f"--config: '{path}' has seed {d['seed']!r} but train.seed "
+                             f"{train['seed']!r}; the run's seed is train.seed, make them agree")
+        out["train"] = {**train, "seed": d["seed"]}
+    return out
+
+
 def assemble_config(preset: str | None = None, config: str | None = None, sets=()) -> dict:
     from .presets import get_preset
 
     d = get_preset(preset) if preset else {}
     if config:
-        d = deep_merge(d, load_config_file(config))
+        d = deep_merge(d, strip_run_metadata(load_config_file(config), config))
     for s in sets or ():
         apply_set(d, s)
     return d
