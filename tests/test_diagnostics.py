@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ultramem import UltraMemConfig, UltraMemLayer, retrieval_recall, used_rows
-from ultramem.diagnostics import MemoryProbe
+from ultramem.diagnostics import MemoryProbe, mean_pairwise_cosine, memory_output_grads
 from ultramem.model import LanguageModel, LMConfig
 
 
@@ -59,3 +59,39 @@ def test_search_override_switches_and_restores_every_layer():
     with pytest.raises(ValueError, match="stage1_topk"), search_override(model, stage1_topk=99):
         pass
     assert [layer.cfg for layer in layers] == before
+
+
+@pytest.mark.parametrize("n, d", [(2, 3), (7, 5), (40, 16)])
+def test_mean_pairwise_cosine_matches_the_double_loop(n, d):
+    g = torch.Generator().manual_seed(n * d)
+    shared = torch.randn(d, generator=g, dtype=torch.float64)  # a common component: cosines > 0
+    x = torch.randn(n + 1, d, generator=g, dtype=torch.float64) + shared
+    x[0] = 0  # zero rows are dropped
+    rows = [r for r in x if r.norm() > 0]
+    pairs = [torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+             for i, a in enumerate(rows) for j, b in enumerate(rows) if i != j]
+    assert mean_pairwise_cosine(x) == pytest.approx(sum(pairs) / len(pairs), abs=1e-9)
+    same_direction = torch.ones(n + 1, d) * torch.arange(1.0, n + 2)[:, None]
+    assert mean_pairwise_cosine(same_direction) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least 2 non-zero rows"):
+        mean_pairwise_cosine(torch.zeros(3, d))
+
+
+def test_memory_output_grads_are_the_gradients_of_the_layer_outputs():
+    torch.manual_seed(0)
+    cfg = LMConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, max_seq_len=8, ffn="ultramem",
+                   memory_placement="0:0/1:1",
+                   memory={"num_keys": 4, "key_dim": 8, "value_dim": 8, "topk": 2})
+    model = LanguageModel(cfg)
+    x, y = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
+    grads = memory_output_grads(model, x, y)
+    assert [g.shape for g in grads] == [(16, 32), (16, 32)]
+    assert all(p.grad is None for p in model.parameters())
+    # reference: add a zero perturbation to each layer's output and differentiate the loss by it
+    for i, layer in enumerate(model.memory_layers()):
+        eps = torch.zeros(2, 8, 32, requires_grad=True)
+        h = layer.register_forward_hook(lambda _m, _a, out, eps=eps: out + eps)
+        _, loss = model(x, y)
+        h.remove()
+        (ref,) = torch.autograd.grad(loss, eps)
+        torch.testing.assert_close(grads[i], ref.reshape(16, 32))

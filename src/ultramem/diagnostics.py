@@ -92,3 +92,39 @@ def search_override(model, **changes):
     finally:
         for layer, cfg in zip(layers, saved, strict=True):
             layer.cfg = layer.retrieval.cfg = cfg
+
+
+def mean_pairwise_cosine(x_ND: torch.Tensor) -> float:
+    """Mean cosine similarity over all pairs of distinct rows of x, in O(N D) instead of O(N^2 D).
+
+    Rows of zero norm are dropped. 1.0: every row points the same way; ~0: unrelated directions.
+    """
+    x_ND = x_ND.detach().double()
+    x_ND = x_ND[x_ND.norm(dim=-1) > 0]
+    n = x_ND.shape[0]
+    if n < 2:
+        raise ValueError(f"mean_pairwise_cosine: needs at least 2 non-zero rows (got {n})")
+    u_D = (x_ND / x_ND.norm(dim=-1, keepdim=True)).sum(0)
+    # |sum of unit vectors|^2 = n (self pairs) + sum over ordered pairs of distinct rows
+    return ((u_D @ u_D - n) / (n * (n - 1))).item()
+
+
+def memory_output_grads(model, x_BT: torch.Tensor, y_BT: torch.Tensor) -> list[torch.Tensor]:
+    """Per-token gradient of the LM loss with respect to each memory layer's output, (B*T, D) a
+    layer: what every token asks its memory layer to add. Leaves no gradients on the model."""
+    outs, handles = [], []
+
+    def keep(_layer, _args, out):
+        out.retain_grad()
+        outs.append(out)
+
+    for layer in model.memory_layers():
+        handles.append(layer.register_forward_hook(keep))
+    try:
+        _, loss = model(x_BT, y_BT)
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    return [o.grad.reshape(-1, o.shape[-1]).detach() for o in outs]
