@@ -47,6 +47,10 @@ PROBES = {  # name: (main config without seed, value_init_std override)
     "paper-v0.02": ("ultramem", 0.02),
     "authors": ("ultramem-authors-init", None),
 }
+FINISHED = {  # name: the `main` run trained with the same settings to 1,300 steps (5.3M tokens)
+    "paper": "ultramem", "paper-v0.02": "ultramem-paper-init-small-values",
+    "authors": "ultramem-authors-init",
+}
 SEEDS = (0, 1)
 PROBE_WINDOWS, SEQ = 32, 128
 
@@ -108,6 +112,8 @@ def measure(model, init_values: list[torch.Tensor], x_BT, y_BT) -> dict:
         out[f"mem{i}"] = {
             "grad_cos": mean_pairwise_cosine(g),
             "value_drift": (dv.norm() / v0.norm()).item(),
+            # > 0 only if v0 really is this table's init (~0 for an unrelated draw): checks the rebuild
+            "init_corr": torch.corrcoef(torch.stack([v.flatten(), v0.flatten()]))[0, 1].item(),
             "update_cos": mean_pairwise_cosine(moved[:4096]) if moved.shape[0] >= 2 else None,
             "rows_moved": moved.shape[0] / v.shape[0],
             "out_rms": out_rms, "init_share": init_share,
@@ -136,6 +142,22 @@ def probe(name: str, seed: int, data, x_BT, y_BT) -> list[dict]:
     return rows
 
 
+def finished(name: str, seed: int, x_BT, y_BT) -> dict | None:
+    """The same statistics on the finished `main` run, if its final checkpoint is here."""
+    run = ROOT / "runs" / "main" / f"{FINISHED[name]}-s{seed}"
+    if not (ROOT / "results" / "main" / f"{run.name}.json").exists():
+        return None  # not finished (a checkpoint alone may be mid-run)
+    model, train_cfg, *_ = load_run(run)
+    seed_everything(train_cfg["train"]["seed"])  # rebuild its step-0 model, as `train` did
+    model0 = LanguageModel(model.cfg)
+    init_values = [m.values.rows().detach().clone() for m in model0.memory_layers()]
+    out = {"step": 1300, **measure(model, init_values, x_BT, y_BT)}
+    print(f"{run.name} (finished): " + "; ".join(
+        f"mem{i} init_corr {out[f'mem{i}']['init_corr']:.3f} init_share {out[f'mem{i}']['init_share']:.2f}"
+        for i in (0, 1)), flush=True)
+    return out
+
+
 def table(results: dict) -> str:
     lines = ["| probe | step | grad_cos L0 / L1 | value drift L0 / L1 | update cos L0 / L1 | "
              "out RMS L0 / L1 | init share L0 / L1 | rows read L0 / L1 | top-10% reads L0 / L1 |",
@@ -148,8 +170,11 @@ def table(results: dict) -> str:
 
     for name in PROBES:
         by_seed = [results[f"{name}-s{s}"] for s in SEEDS if f"{name}-s{s}" in results]
-        for k, step in enumerate([0, *STEPS]):
-            rows = [r[k] for r in by_seed]
+        for k, step in enumerate([0, *STEPS, 1300]):
+            rows = [r[k] for r in by_seed if len(r) > k]
+            if len(rows) < len(by_seed):  # a finished run is missing: no mean over fewer seeds
+                lines.append(f"| {name} | {step} | not finished for every seed |||||||")
+                continue
             lines.append(f"| {name} | {step} | {pair(rows, 'grad_cos')} | "
                          f"{pair(rows, 'value_drift', '{:.2f}')} | {pair(rows, 'update_cos')} | "
                          f"{pair(rows, 'out_rms')} | {pair(rows, 'init_share', '{:.2f}')} | "
@@ -175,8 +200,16 @@ def main() -> int:
                 continue
             results[key] = probe(name, seed, data, x_BT, y_BT)
             dest.write_text(json.dumps({"steps": [0, *STEPS], "probes": results}, indent=1) + "\n")
+    for key, rows in results.items():
+        name, seed = key.rsplit("-s", 1)
+        rows[:] = [r for r in rows if r["step"] <= STEPS[-1]]
+        end = finished(name, int(seed), x_BT, y_BT)
+        if end is not None:
+            rows.append(end)
+    dest.write_text(json.dumps({"steps": [0, *STEPS], "probes": results}, indent=1) + "\n")
     md = ("# Early-gradient probe (`python experiments/probes/early_gradients.py`)\n\n"
-          "Mean of the seeds done; L0 / L1 = memory layer 0 / 1. See the script's docstring.\n\n"
+          "Mean of the seeds done; L0 / L1 = memory layer 0 / 1; step 1300 is the finished `main` run "
+          "with the same settings (5.3M tokens). See the script's docstring.\n\n"
           + table(results))
     (ROOT / "results" / "early_gradients.md").write_text(md)
     print(md)
