@@ -88,8 +88,10 @@ class UltraMemConfig(_ConfigMixin):
     # "paper" (SPEC), "authors" (their code: values N(0, 0.02^2), gains D_k^-0.33) or "calibrated"
     # (the paper's, with the query gain set from the measured kept scores instead of E[Y])
     init: str = "paper"
-    # Overrides only the value table's init std (the rest of `init` stays). The value scale decides
-    # whether early training collapses a layer onto a few rows (EXPERIMENTS.md, "collapse").
+    # Overrides only the value table's init std (the rest of `init` stays). The paper's formula
+    # sqrt(E/(2 m H L)) is large for shallow models reading few slots (0.125 at L=4, m=16, H=2,
+    # E=4; 0.025 at the authors' L=20, m=80): at that scale 0.02 trained better, and large values
+    # stayed in the output as random content (EXPERIMENTS.md, "collapse").
     value_init_std: float | None = None
     lookup: str = "fused"  # "fused" (embedding_bag) or "reference" (gather + einsum, the oracle)
     sparse_values: bool = False  # row-sparse value gradients (use a sparse/lazy optimiser for them)
