@@ -90,7 +90,7 @@ class UltraMemConfig(_ConfigMixin):
     init: str = "paper"
     # Overrides only the value table's init std (the rest of `init` stays). The paper's formula
     # sqrt(E/(2 m H L)) is large for shallow models reading few slots (0.125 at L=4, m=16, H=2,
-    # E=4; 0.025 at the authors' L=20, m=80): at that scale 0.02 trained better, and large values
+    # E=4; 0.025 at the authors' L=20, m=80): at that scale 0.02 values trained better, and large ones
     # stayed in the output as random content (EXPERIMENTS.md, "collapse").
     value_init_std: float | None = None
     lookup: str = "fused"  # "fused" (embedding_bag) or "reference" (gather + einsum, the oracle)
