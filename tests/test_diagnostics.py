@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ultramem import UltraMemConfig, UltraMemLayer, retrieval_recall, used_rows
-from ultramem.diagnostics import MemoryProbe, mean_pairwise_cosine, memory_output_grads
+from ultramem.diagnostics import MemoryProbe, mean_pairwise_cosine, memory_output_grads, row_reads
 from ultramem.model import LanguageModel, LMConfig
 
 
@@ -16,6 +16,10 @@ def test_used_rows_marks_exactly_the_physical_rows_read():
     expected = torch.zeros(16, dtype=torch.bool)
     expected[layer.perm[idx] % 16] = True
     assert torch.equal(used_rows(layer, x), expected)
+    counts = torch.zeros(16, dtype=torch.long)
+    for slot in idx.tolist():  # naive tally: every (token, head, kept slot) reads one physical row
+        counts[layer.perm[slot].item() % 16] += 1
+    assert torch.equal(row_reads(layer, x), counts) and counts.sum() == 2 * layer.cfg.heads * 3
 
 
 def test_recall_drops_when_stage_one_filters_hard():

@@ -34,8 +34,7 @@ from pathlib import Path
 import torch
 
 from ultramem.data import prepare_data
-from ultramem.diagnostics import mean_pairwise_cosine, memory_output_grads
-from ultramem.layers import UltraMemLayer
+from ultramem.diagnostics import mean_pairwise_cosine, memory_output_grads, row_reads
 from ultramem.model import LanguageModel
 from ultramem.train import RunConfig, load_run, model_config_for, seed_everything, train
 
@@ -65,12 +64,8 @@ def run_config(cfg_name: str, seed: int, value_std: float | None, out_dir: Path)
     return RunConfig.from_dict({"model": model, "data": spec["data"], "train": train_cfg})
 
 
-@torch.no_grad()
 def reads(layer, x_BTD) -> tuple[float, float]:
-    idx = layer.retrieve(x_BTD).indices.reshape(-1)
-    if isinstance(layer, UltraMemLayer):
-        idx = layer.perm[idx] % layer.cfg.num_values
-    counts = torch.bincount(idx, minlength=layer.values.num_rows).sort(descending=True).values
+    counts = row_reads(layer, x_BTD).sort(descending=True).values
     top = counts[: max(1, counts.numel() // 10)].sum() / counts.sum()
     return (counts > 0).float().mean().item(), top.item()
 

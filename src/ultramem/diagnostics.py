@@ -20,14 +20,17 @@ def retrieval_recall(layer: UltraMemLayer | PKMLayer, x_BTD: torch.Tensor) -> fl
 
 
 @torch.no_grad()
-def used_rows(layer: UltraMemLayer | PKMLayer, x_BTD: torch.Tensor) -> torch.Tensor:
-    """Boolean mask (N,) of physical value rows read for the given inputs (for dead-row counts)."""
+def row_reads(layer: UltraMemLayer | PKMLayer, x_BTD: torch.Tensor) -> torch.Tensor:
+    """Per physical value row (N,), how many times the given inputs read it (all heads, slots)."""
     idx = layer.retrieve(x_BTD).indices.reshape(-1)
     if isinstance(layer, UltraMemLayer):
         idx = layer.perm[idx] % layer.cfg.num_values
-    mask = torch.zeros(layer.values.num_rows, dtype=torch.bool, device=idx.device)
-    mask[idx] = True
-    return mask
+    return torch.bincount(idx, minlength=layer.values.num_rows)
+
+
+def used_rows(layer: UltraMemLayer | PKMLayer, x_BTD: torch.Tensor) -> torch.Tensor:
+    """Boolean mask (N,) of physical value rows read for the given inputs (for dead-row counts)."""
+    return row_reads(layer, x_BTD) > 0
 
 
 class MemoryProbe:
