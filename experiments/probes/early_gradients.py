@@ -17,7 +17,8 @@ authors' init, seeds 0 and 1, at steps 0, 1, 2, 4, 8, 13, 26, 52 of the full run
 - rows_read: share of value rows the 4,096 val tokens read; top10_reads: share of those reads
   going to the most-read 10% of rows (0.1 is uniform).
 Training is the library's own `train` stopped and resumed at each step (bit-identical to an
-uninterrupted run). Writes experiments/results/early_gradients.md and .json; ~10 min on one core.
+uninterrupted run). Writes experiments/results/early_gradients.md, .json and _init_share.png;
+~12 min on one core.
 
     python experiments/probes/early_gradients.py        (repository root, venv active)
 """
@@ -178,6 +179,31 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results: dict, path: Path) -> None:
+    """Init share of each layer's output against training steps (symlog axis), seeds as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for layer, ax in enumerate(axes):
+        for color, name in zip(("C3", "C0", "C2"), PROBES, strict=True):
+            for seed in SEEDS:
+                rows = results.get(f"{name}-s{seed}", [])
+                ax.plot([r["step"] for r in rows], [r[f"mem{layer}"]["init_share"] for r in rows],
+                        "o-", color=color, ms=3, lw=1, label=name if seed == SEEDS[0] else None)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("training step (1,300 = 5.3M tokens)")
+        ax.set_title(f"memory layer {layer}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of output RMS from the init values")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
@@ -207,6 +233,7 @@ def main() -> int:
           "with the same settings (5.3M tokens). See the script's docstring.\n\n"
           + table(results))
     (ROOT / "results" / "early_gradients.md").write_text(md)
+    plot(results, ROOT / "results" / "early_gradients_init_share.png")
     print(md)
     return 0
 
