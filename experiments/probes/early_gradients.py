@@ -25,6 +25,7 @@ uninterrupted run). Writes experiments/results/early_gradients.md, .json and _in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -37,7 +38,7 @@ import torch
 from ultramem.data import prepare_data
 from ultramem.diagnostics import mean_pairwise_cosine, memory_output_grads, row_reads
 from ultramem.model import LanguageModel
-from ultramem.train import RunConfig, load_run, model_config_for, seed_everything, train
+from ultramem.train import RunConfig, evaluate, load_run, model_config_for, seed_everything, train
 
 ROOT = Path("experiments")
 OUT = ROOT / "runs" / "probes" / "early-gradients"
@@ -138,16 +139,35 @@ def probe(name: str, seed: int, data, x_BT, y_BT) -> list[dict]:
     return rows
 
 
-def finished(name: str, seed: int, x_BT, y_BT) -> dict | None:
+@torch.no_grad()
+def loss_without_init(model, init_values: list[torch.Tensor], data, run_cfg: dict) -> dict:
+    """Val loss of the run (its own eval windows) as trained, and with V_0 subtracted from every
+    value table: what the random content still in the tables does to the trained model."""
+    tc = dataclasses.replace(RunConfig.from_dict(run_cfg).train, memory_diagnostics=False)
+    out = {"val_loss": evaluate(model, data, tc, contextlib.nullcontext())["val_loss"]}
+    tables = [m.values.weight for m in model.memory_layers()]
+    saved = [w.detach().clone() for w in tables]
+    for w, v0 in zip(tables, init_values, strict=True):
+        w.sub_(v0.view_as(w))
+    out["val_loss_without_init"] = evaluate(model, data, tc, contextlib.nullcontext())["val_loss"]
+    for w, keep in zip(tables, saved, strict=True):
+        w.copy_(keep)
+    return out
+
+
+def finished(name: str, seed: int, data, x_BT, y_BT) -> dict | None:
     """The same statistics on the finished `main` run, if its final checkpoint is here."""
     run = ROOT / "runs" / "main" / f"{FINISHED[name]}-s{seed}"
     if not (ROOT / "results" / "main" / f"{run.name}.json").exists():
         return None  # not finished (a checkpoint alone may be mid-run)
-    model, train_cfg, *_ = load_run(run)
-    seed_everything(train_cfg["train"]["seed"])  # rebuild its step-0 model, as `train` did
+    model, run_cfg, *_ = load_run(run)
+    seed_everything(run_cfg["train"]["seed"])  # rebuild its step-0 model, as `train` did
     model0 = LanguageModel(model.cfg)
     init_values = [m.values.rows().detach().clone() for m in model0.memory_layers()]
-    out = {"step": 1300, **measure(model, init_values, x_BT, y_BT)}
+    out = {"step": 1300, **measure(model, init_values, x_BT, y_BT),
+           **loss_without_init(model, init_values, data, run_cfg)}
+    print(f"{run.name}: val loss {out['val_loss']:.4f}, without the init values "
+          f"{out['val_loss_without_init']:.4f}", flush=True)
     print(f"{run.name} (finished): " + "; ".join(
         f"mem{i} init_corr {out[f'mem{i}']['init_corr']:.3f} init_share {out[f'mem{i}']['init_share']:.2f}"
         for i in (0, 1)), flush=True)
@@ -176,6 +196,18 @@ def table(results: dict) -> str:
                          f"{pair(rows, 'out_rms')} | {pair(rows, 'init_share', '{:.2f}')} | "
                          f"{pair(rows, 'rows_read', '{:.2f}')} | "
                          f"{pair(rows, 'top10_reads', '{:.2f}')} |")
+    return "\n".join(lines) + "\n"
+
+
+def finished_table(results: dict) -> str:
+    lines = ["\nFinished runs: val loss (their eval windows) as trained and with each value table's "
+             "init V_0 subtracted.\n", "| run | val loss | without V_0 | change |", "|---|---|---|---|"]
+    for key, rows in results.items():
+        end = rows[-1]
+        if end["step"] == 1300:
+            lines.append(f"| {FINISHED[key.rsplit('-s', 1)[0]]}-s{key.rsplit('-s', 1)[1]} | "
+                         f"{end['val_loss']:.4f} | {end['val_loss_without_init']:.4f} | "
+                         f"{end['val_loss_without_init'] - end['val_loss']:+.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -224,14 +256,14 @@ def main() -> int:
     for key, rows in results.items():
         name, seed = key.rsplit("-s", 1)
         rows[:] = [r for r in rows if r["step"] <= STEPS[-1]]
-        end = finished(name, int(seed), x_BT, y_BT)
+        end = finished(name, int(seed), data, x_BT, y_BT)
         if end is not None:
             rows.append(end)
     dest.write_text(json.dumps({"steps": [0, *STEPS], "probes": results}, indent=1) + "\n")
     md = ("# Early-gradient probe (`python experiments/probes/early_gradients.py`)\n\n"
           "Mean of the seeds done; L0 / L1 = memory layer 0 / 1; step 1300 is the finished `main` run "
           "with the same settings (5.3M tokens). See the script's docstring.\n\n"
-          + table(results))
+          + table(results) + finished_table(results))
     (ROOT / "results" / "early_gradients.md").write_text(md)
     plot(results, ROOT / "results" / "early_gradients_init_share.png")
     print(md)
