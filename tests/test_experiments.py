@@ -64,6 +64,8 @@ def test_runner_skips_done_and_resumes_started(tmp_path):
                                          "cache_dir": str(tmp_path / "cache")}}), log=lambda *_: None)
     assert runner.status(tmp_path, "tiny")["started"] == ["um-s0"]
     _write(tmp_path, "um", "ultramem", 0)
+    assert runner.progress(tmp_path, "tiny", "um-s0") == (2, 4)  # logged step, configured steps
+    assert runner.progress(tmp_path, "tiny", "never-run") is None
     assert runner.run_suite(tmp_path, "tiny", jobs=1) == 0
     done = json.loads((tmp_path / "results/tiny/um-s0.json").read_text())
     assert done["step"] == 4

@@ -6,10 +6,18 @@ import argparse
 from pathlib import Path
 
 
+def _with_progress(root, suite: str, name: str) -> str:
+    from . import runner
+
+    at = runner.progress(root, suite, name)
+    return f"{name} (step {at[0]}/{at[1]})" if at else name
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["configs", "run", "status", "report", "match", "probe"],
                    help="configs: write experiments/configs/<suite>/*.json; run: train unfinished runs; "
-                        "status: done/started/pending; report: tables and plots; match: re-count sizes; "
+                        "status: done/running/started (with its step)/pending; report: tables and plots; "
+                        "match: re-count sizes; "
                         "probe: evaluate a trained UltraMem run (--run) under other top-m searches")
     p.add_argument("suites", nargs="*", help="suite names (default: all for configs/report)")
     p.add_argument("--root", default="experiments", help="experiments folder (default: experiments)")
@@ -48,6 +56,8 @@ def handler(a) -> int:
     elif a.action == "status":
         for name in names:
             st = runner.status(root, name)
+            for state in ("running", "started"):  # where an unfinished run has got to
+                st[state] = [_with_progress(root, name, n) for n in st[state]]
             print(f"{name}: " + "; ".join(f"{k} {len(v)} {v}" for k, v in st.items()))
     elif a.action == "report":
         for name in names:

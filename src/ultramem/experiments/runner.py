@@ -67,6 +67,26 @@ def status(root: Path, suite: str) -> dict[str, list[str]]:
     return out
 
 
+def progress(root: Path, suite: str, name: str) -> tuple[int, int] | None:
+    """(last logged training step, configured steps) of an unfinished run; None before its first log."""
+    run_dir = _paths(root, suite, name)[0]
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    step = None
+    for line in metrics.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line being written right now
+            continue
+        if rec.get("kind") == "train":
+            step = rec["step"]
+    if step is None:
+        return None
+    total = json.loads((root / "configs" / suite / f"{name}.json").read_text())["train"]["steps"]
+    return step, total
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
