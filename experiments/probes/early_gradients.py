@@ -1,9 +1,10 @@
-"""Early-gradient probe: tests the two premises of the collapse hypothesis in EXPERIMENTS.md.
+"""Early-gradient probe: what separates the SPEC's init from 0.02 values early in training.
 
-The hypothesis: early in training every token asks its memory layer for nearly the same thing
-(the gradient of the loss with respect to the layer's output is shared across tokens), so with
-large random values every token's query is pushed toward the same few slots; small values are
-overwritten by that shared content within a few steps and stop favouring random slots.
+It was written to test a hypothesis about the early collapse: that every token first asks its
+memory layer for nearly the same thing (the gradient of the loss with respect to the layer's
+output shared across tokens), so that large random values pull every query to the same slots.
+The gradient cosines below refute that premise (0.001-0.007); the other statistics are what does
+differ (EXPERIMENTS.md, "collapse").
 
 Measured here, for main's UltraMem under the SPEC's init, the SPEC's init with 0.02 values and the
 authors' init, seeds 0 and 1, at steps 0, 1, 2, 4, 8, 13, 26, 52 of the full runs' schedule:
@@ -16,6 +17,8 @@ authors' init, seeds 0 and 1, at steps 0, 1, 2, 4, 8, 13, 26, 52 of the full run
   out(V) = out(V_0) + out(V - V_0) with the same retrieval; 1: still all random init);
 - rows_read: share of value rows the 4,096 val tokens read; top10_reads: share of those reads
   going to the most-read 10% of rows (0.1 is uniform).
+The finished `main` runs with the same settings (step 1,300) get the same statistics, plus their
+val loss with each value table's V_0 subtracted (what the random init content does to the model).
 Training is the library's own `train` stopped and resumed at each step (bit-identical to an
 uninterrupted run). Writes experiments/results/early_gradients.md, .json and _init_share.png;
 ~12 min on one core.
