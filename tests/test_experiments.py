@@ -66,6 +66,9 @@ def test_runner_skips_done_and_resumes_started(tmp_path):
     _write(tmp_path, "um", "ultramem", 0)
     assert runner.progress(tmp_path, "tiny", "um-s0") == (2, 4)  # logged step, configured steps
     assert runner.progress(tmp_path, "tiny", "never-run") is None
+    from ultramem.experiments.cli import _with_checkpoint
+
+    assert _with_checkpoint(tmp_path, "tiny", "um-s0") == "um-s0 (checkpoint at step 2/4)"  # status line
     assert runner.run_suite(tmp_path, "tiny", jobs=1) == 0
     done = json.loads((tmp_path / "results/tiny/um-s0.json").read_text())
     assert done["step"] == 4

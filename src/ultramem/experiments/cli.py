@@ -13,11 +13,21 @@ def _with_progress(root, suite: str, name: str) -> str:
     return f"{name} (step {at[0]}/{at[1]})" if at else name
 
 
+def _with_checkpoint(root, suite: str, name: str) -> str:
+    """A stopped run resumes from its checkpoint, not from its last logged step."""
+    from ..checkpoint import read_checkpoint_meta
+    from . import runner
+
+    at = runner.progress(root, suite, name)
+    step = read_checkpoint_meta(Path(root) / "runs" / suite / name / "checkpoint.safetensors")["step"]
+    return f"{name} (checkpoint at step {step}/{at[1]})" if at else name
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["configs", "run", "status", "report", "match", "probe"],
                    help="configs: write experiments/configs/<suite>/*.json; run: train unfinished runs; "
-                        "status: done/running/started (with its step)/pending; report: tables and plots; "
-                        "match: re-count sizes; "
+                        "status: done/running (its step)/started (its checkpoint)/pending; "
+                        "report: tables and plots; match: re-count sizes; "
                         "probe: evaluate a trained UltraMem run (--run) under other top-m searches")
     p.add_argument("suites", nargs="*", help="suite names (default: all for configs/report)")
     p.add_argument("--root", default="experiments", help="experiments folder (default: experiments)")
@@ -56,8 +66,8 @@ def handler(a) -> int:
     elif a.action == "status":
         for name in names:
             st = runner.status(root, name)
-            for state in ("running", "started"):  # where an unfinished run has got to
-                st[state] = [_with_progress(root, name, n) for n in st[state]]
+            st["running"] = [_with_progress(root, name, n) for n in st["running"]]
+            st["started"] = [_with_checkpoint(root, name, n) for n in st["started"]]
             print(f"{name}: " + "; ".join(f"{k} {len(v)} {v}" for k, v in st.items()))
     elif a.action == "report":
         for name in names:
