@@ -69,6 +69,31 @@ def run_config(cfg_name: str, seed: int, value_std: float | None, out_dir: Path)
     return RunConfig.from_dict({"model": model, "data": spec["data"], "train": train_cfg})
 
 
+def step0_model(mcfg, seed: int) -> LanguageModel:
+    """The model at step 0, built exactly as `train` builds it (same seeding, same order)."""
+    seed_everything(seed)
+    return LanguageModel(mcfg)
+
+
+def value_copies(model) -> list[torch.Tensor]:
+    return [m.values.rows().detach().clone() for m in model.memory_layers()]
+
+
+@contextlib.contextmanager
+def values_set_to(tables: list[torch.Tensor], new: list[torch.Tensor]):
+    """Temporarily overwrite value tables in place (the trained values come back on exit)."""
+    saved = [w.detach().clone() for w in tables]
+    try:
+        with torch.no_grad():
+            for w, v in zip(tables, new, strict=True):
+                w.copy_(v.view_as(w))
+        yield
+    finally:
+        with torch.no_grad():
+            for w, keep in zip(tables, saved, strict=True):
+                w.copy_(keep)
+
+
 def reads(layer, x_BTD) -> tuple[float, float]:
     counts = row_reads(layer, x_BTD).sort(descending=True).values
     top = counts[: max(1, counts.numel() // 10)].sum() / counts.sum()
@@ -79,13 +104,11 @@ def reads(layer, x_BTD) -> tuple[float, float]:
 def init_part(layer, x_BTD, v0: torch.Tensor) -> tuple[float, float]:
     """(RMS of the layer's output, RMS of the part its initial values make / that RMS)."""
     w = layer.values.weight
-    saved = w.detach().clone()
     out = layer(x_BTD)
-    w.copy_(v0.view_as(w))
-    from_init = layer(x_BTD)
-    w.copy_(saved - v0.view_as(w))
-    learned = layer(x_BTD)
-    w.copy_(saved)
+    with values_set_to([w], [v0]):
+        from_init = layer(x_BTD)
+    with values_set_to([w], [w - v0.view_as(w)]):
+        learned = layer(x_BTD)
     # the decomposition only holds if the output is linear in the values: check, don't assume
     torch.testing.assert_close(from_init + learned, out, rtol=1e-4, atol=1e-5)
     rms = out.pow(2).mean().sqrt()
@@ -127,9 +150,9 @@ def probe(name: str, seed: int, data, x_BT, y_BT) -> list[dict]:
     out_dir = OUT / f"{name}-s{seed}"
     shutil.rmtree(out_dir, ignore_errors=True)  # a leftover checkpoint would be resumed past a step
     cfg = run_config(cfg_name, seed, value_std, out_dir)
-    seed_everything(cfg.train.seed)  # the model exactly as `train` builds it at step 0
-    model0 = LanguageModel(model_config_for(cfg.model, data.vocab_size, cfg.train.seq_len))
-    init_values = [m.values.rows().detach().clone() for m in model0.memory_layers()]
+    mcfg = model_config_for(cfg.model, data.vocab_size, cfg.train.seq_len)
+    model0 = step0_model(mcfg, cfg.train.seed)
+    init_values = value_copies(model0)
     rows = [{"step": 0, **measure(model0, init_values, x_BT, y_BT)}]
     for step in STEPS:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stop_after=step))
@@ -149,12 +172,8 @@ def loss_without_init(model, init_values: list[torch.Tensor], data, run_cfg: dic
     tc = dataclasses.replace(RunConfig.from_dict(run_cfg).train, memory_diagnostics=False)
     out = {"val_loss": evaluate(model, data, tc, contextlib.nullcontext())["val_loss"]}
     tables = [m.values.weight for m in model.memory_layers()]
-    saved = [w.detach().clone() for w in tables]
-    for w, v0 in zip(tables, init_values, strict=True):
-        w.sub_(v0.view_as(w))
-    out["val_loss_without_init"] = evaluate(model, data, tc, contextlib.nullcontext())["val_loss"]
-    for w, keep in zip(tables, saved, strict=True):
-        w.copy_(keep)
+    with values_set_to(tables, [w - v0.view_as(w) for w, v0 in zip(tables, init_values, strict=True)]):
+        out["val_loss_without_init"] = evaluate(model, data, tc, contextlib.nullcontext())["val_loss"]
     return out
 
 
@@ -164,9 +183,7 @@ def finished(name: str, seed: int, data, x_BT, y_BT) -> dict | None:
     if not (ROOT / "results" / "main" / f"{run.name}.json").exists():
         return None  # not finished (a checkpoint alone may be mid-run)
     model, run_cfg, *_ = load_run(run)
-    seed_everything(run_cfg["train"]["seed"])  # rebuild its step-0 model, as `train` did
-    model0 = LanguageModel(model.cfg)
-    init_values = [m.values.rows().detach().clone() for m in model0.memory_layers()]
+    init_values = value_copies(step0_model(model.cfg, run_cfg["train"]["seed"]))
     out = {"step": 1300, **measure(model, init_values, x_BT, y_BT),
            **loss_without_init(model, init_values, data, run_cfg)}
     print(f"{run.name}: val loss {out['val_loss']:.4f}, without the init values "
