@@ -50,6 +50,13 @@ def test_scaling_table_fits_each_sparsity(tmp_path):
                 groups.setdefault(r["group"], []).append(r)
     table = analysis.scaling_table(groups)
     assert table.count("-0.1000") == 2 and "| 512 | 6 |" in table and "| 2048 | 6 |" in table
+    per_doubling = f"{-0.1 * math.log(2):+.4f}"  # each seed alone has the same exact slope
+    assert table.count(f"s0 {per_doubling} (3 sizes), s1 {per_doubling} (3 sizes)") == 2
+    # seed 1 finished only the smallest size at sparsity 512: listed, not fitted
+    part = {k: [r for r in v if r["seed"] == 0 or k != "sp512-x04" and k != "sp512-x08"]
+            for k, v in groups.items()}
+    row = next(x for x in analysis.scaling_table(part).splitlines() if x.startswith("| 512 |"))
+    assert "| 512 | 4 |" in row and f"s0 {per_doubling} (3 sizes), s1 1 size(s), no fit" in row
     assert analysis.plot_scaling(groups, tmp_path / "fit.png").stat().st_size > 0
     one = {"sp512-x02": groups["sp512-x02"]}
     assert "too few sizes finished" in analysis.scaling_table(one)

@@ -107,29 +107,46 @@ def fit_log_linear(xs: list[float], ys: list[float]) -> dict[str, float]:
             "r2": r2, "points": len(xs)}
 
 
-def scaling_points(groups: dict[str, list[dict]]) -> dict[int, list[tuple[float, float]]]:
-    """{sparsity: [(sparse params, val loss) per finished seed]} from groups named sp<S>-x<R>."""
+def scaling_points(groups: dict[str, list[dict]], seed: int | None = None
+                   ) -> dict[int, list[tuple[float, float]]]:
+    """{sparsity: [(sparse params, val loss) per finished seed]} from groups named sp<S>-x<R>;
+    only the given seed's runs when `seed` is set."""
     out: dict[int, list[tuple[float, float]]] = {}
     for name, rs in groups.items():
         m = re.match(r"^sp(\d+)-x\d+$", name)
         if m:
             out.setdefault(int(m.group(1)), []).extend(
-                (r["params"]["sparse"], r["val_loss"]) for r in rs)
+                (r["params"]["sparse"], r["val_loss"]) for r in rs if seed is None or r["seed"] == seed)
     return out
+
+
+def _per_seed_slopes(groups: dict[str, list[dict]], sparsity: int) -> str:
+    """Each seed's own fit, so the spread of the slope across seeds is visible beside the pooled one."""
+    seeds = sorted({r["seed"] for name, rs in groups.items() if name.startswith(f"sp{sparsity}-")
+                    for r in rs})
+    cells = []
+    for seed in seeds:
+        pts = scaling_points(groups, seed).get(sparsity, [])
+        if len({x for x, _ in pts}) >= 2:
+            f = fit_log_linear([x for x, _ in pts], [y for _, y in pts])
+            cells.append(f"s{seed} {f['per_doubling']:+.4f} ({len(pts)} sizes)")
+        else:
+            cells.append(f"s{seed} {len(pts)} size(s), no fit")
+    return ", ".join(cells)
 
 
 def scaling_table(groups: dict[str, list[dict]]) -> str:
     """The slope of val loss against ln(sparse params) at each sparsity (all seeds as points)."""
     lines = ["| sparsity (rows / rows read a token) | points | slope per e-fold | per doubling | "
-             "R^2 |", "|---|---|---|---|---|"]
+             "R^2 | per doubling, each seed alone |", "|---|---|---|---|---|---|"]
     for sparsity, pts in sorted(scaling_points(groups).items()):
         if len({x for x, _ in pts}) < 2:
-            lines.append(f"| {sparsity} | {len(pts)} | too few sizes finished | | |")
+            lines.append(f"| {sparsity} | {len(pts)} | too few sizes finished | | | |")
             continue
         f = fit_log_linear([x for x, _ in pts], [y for _, y in pts])
         se = "" if math.isnan(f["slope_se"]) else f" ± {f['slope_se']:.4f}"
         lines.append(f"| {sparsity} | {f['points']} | {f['slope']:+.4f}{se} | "
-                     f"{f['per_doubling']:+.4f} | {f['r2']:.2f} |")
+                     f"{f['per_doubling']:+.4f} | {f['r2']:.2f} | {_per_seed_slopes(groups, sparsity)} |")
     return "\n".join(lines)
 
 
