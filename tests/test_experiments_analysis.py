@@ -59,7 +59,28 @@ def test_scaling_table_fits_each_sparsity(tmp_path):
     assert "| 512 | 4 |" in row and f"s0 {per_doubling} (3 sizes), s1 1 size(s), no fit" in row
     assert analysis.plot_scaling(groups, tmp_path / "fit.png").stat().st_size > 0
     one = {"sp512-x02": groups["sp512-x02"]}
+    assert analysis.sparsity_table(one) == ""  # nothing to compare with one sparsity
     assert "too few sizes finished" in analysis.scaling_table(one)
+
+
+def test_sparsity_table_pairs_ratios_and_never_fills_a_gap(tmp_path):
+    groups = {}
+    for sp, offset in ((512, -0.05), (2048, 0.0)):
+        for ratio in (2, 4):
+            for seed in (0, 1):
+                if sp == 512 and ratio == 4 and seed == 1:
+                    continue  # unfinished
+                loss = 3.8 - 0.01 * ratio + offset + 0.002 * seed
+                r = _result(tmp_path, "scaling", f"sp{sp}-x{ratio:02d}-s{seed}", f"sp{sp}-x{ratio:02d}",
+                            seed, loss)
+                groups.setdefault(r["group"], []).append(r)
+    groups["sp512-x08"] = []  # configured, nothing finished
+    rows = analysis.sparsity_table(groups).splitlines()
+    assert rows[0].startswith("| sparse / dense | sparsity 2048: val loss per seed | sparsity 512:")
+    x2, x4, x8 = (next(r for r in rows if r.startswith(f"| x{k} |")) for k in (2, 4, 8))
+    assert "s0 3.780, s1 3.782 (mean 3.781 ± 0.001)" in x2 and "| -0.050 | yes (ranges disjoint) |" in x2
+    assert "s0 3.710 (mean 3.710)" in x4 and "| -0.050 | n/a (1 seed) |" in x4  # seed 0 against seed 0
+    assert "not finished" in x8 and x8.endswith("| - | - |")
 
 
 def test_sweeps_table_reports_against_the_base_and_lists_unfinished():

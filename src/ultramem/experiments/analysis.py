@@ -150,6 +150,48 @@ def scaling_table(groups: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def sparsity_table(groups: dict[str, list[dict]]) -> str:
+    """Each sparsity against the sparsest one at every ratio: per-seed losses, mean, the Δ over the
+    seeds both have and whether it is beyond seed noise (the disjoint-range test of every table)."""
+    from .report import separated
+
+    by: dict[int, dict[int, list[dict]]] = {}  # {ratio: {sparsity: runs}}
+    for name, rs in groups.items():
+        m = re.match(r"^sp(\d+)-x(\d+)$", name)
+        if m:  # an empty group (configured, not finished) still gets its row
+            by.setdefault(int(m.group(2)), {})[int(m.group(1))] = rs
+    sparsities = sorted({sp for per in by.values() for sp, rs in per.items() if rs}, reverse=True)
+    if len(sparsities) < 2:
+        return ""
+    ref = sparsities[0]
+    head = ["sparse / dense"] + [f"sparsity {sp}: val loss per seed" for sp in sparsities]
+    for sp in sparsities[1:]:
+        head += [f"Δ {sp} - {ref}", "beyond seed noise?"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(rs):
+        if not rs:
+            return "not finished"
+        losses = [r["val_loss"] for r in rs]
+        seeds = ", ".join(f"s{r['seed']} {r['val_loss']:.3f}" for r in sorted(rs, key=lambda r: r["seed"]))
+        spread = f" ± {(max(losses) - min(losses)) / 2:.3f}" if len(rs) > 1 else ""
+        return f"{seeds} (mean {statistics.fmean(losses):.3f}{spread})"
+
+    for ratio, per in sorted(by.items()):
+        row = [f"x{ratio}"] + [cell(per.get(sp, [])) for sp in sparsities]
+        for sp in sparsities[1:]:
+            a, b = per.get(sp, []), per.get(ref, [])
+            shared = {r["seed"] for r in a} & {r["seed"] for r in b}
+            if shared:  # Δ over the seeds both have, as in the ablation table
+                da = statistics.fmean(r["val_loss"] for r in a if r["seed"] in shared)
+                db = statistics.fmean(r["val_loss"] for r in b if r["seed"] in shared)
+                row += [f"{da - db:+.3f}", separated([r["val_loss"] for r in a], [r["val_loss"] for r in b])]
+            else:
+                row += ["-", "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def plot_scaling(groups: dict[str, list[dict]], out: Path) -> Path | None:
     pts_by = scaling_points(groups)
     if not pts_by:

@@ -183,6 +183,8 @@ def write_report(root: Path, suite: str) -> Path:
     if suite == "scaling":
         parts += ["Fit of val loss = a + b ln(sparse params), every finished seed a point:", "",
                   analysis.scaling_table(groups), ""]
+        sp_table = analysis.sparsity_table({**{g: [] for g in configured_groups(root, suite)}, **groups})
+        parts += ["Sparsities side by side at each ratio:", "", sp_table, ""] if sp_table else []
         png = analysis.plot_scaling(groups, out_dir / "scaling_fit.png")
         parts += [f"![scaling fit]({png.name})", ""] if png else []
     text_groups = {k: v for k, v in groups.items() if not k.startswith("facts-")}
