@@ -185,7 +185,8 @@ def sparsity_table(groups: dict[str, list[dict]]) -> str:
             if shared:  # Δ over the seeds both have, as in the ablation table
                 da = statistics.fmean(r["val_loss"] for r in a if r["seed"] in shared)
                 db = statistics.fmean(r["val_loss"] for r in b if r["seed"] in shared)
-                row += [f"{da - db:+.3f}", separated([r["val_loss"] for r in a], [r["val_loss"] for r in b])]
+                delta = round(da - db, 3) + 0.0  # + 0.0 turns -0.0 into 0.0: no "-0.000"
+                row += [f"{delta:+.3f}", separated([r["val_loss"] for r in a], [r["val_loss"] for r in b])]
             else:
                 row += ["-", "-"]
         lines.append("| " + " | ".join(row) + " |")
