@@ -15,6 +15,7 @@ import statistics
 from pathlib import Path
 
 _MEM_KEY = re.compile(r"^mem(\d+)_(recall|rows_used|rows_read_train|top10pct_reads)$")
+_SCALING_GROUP = re.compile(r"^sp(\d+)-x(\d+)$")  # sp<sparsity>-x<sparse/dense ratio>
 
 
 def eval_records(root: Path, suite: str, run: dict) -> list[dict]:
@@ -113,7 +114,7 @@ def scaling_points(groups: dict[str, list[dict]], seed: int | None = None
     only the given seed's runs when `seed` is set."""
     out: dict[int, list[tuple[float, float]]] = {}
     for name, rs in groups.items():
-        m = re.match(r"^sp(\d+)-x\d+$", name)
+        m = _SCALING_GROUP.match(name)
         if m:
             out.setdefault(int(m.group(1)), []).extend(
                 (r["params"]["sparse"], r["val_loss"]) for r in rs if seed is None or r["seed"] == seed)
@@ -157,7 +158,7 @@ def sparsity_table(groups: dict[str, list[dict]]) -> str:
 
     by: dict[int, dict[int, list[dict]]] = {}  # {ratio: {sparsity: runs}}
     for name, rs in groups.items():
-        m = re.match(r"^sp(\d+)-x(\d+)$", name)
+        m = _SCALING_GROUP.match(name)
         if m:  # an empty group (configured, not finished) still gets its row
             by.setdefault(int(m.group(2)), {})[int(m.group(1))] = rs
     sparsities = sorted({sp for per in by.values() for sp, rs in per.items() if rs}, reverse=True)
