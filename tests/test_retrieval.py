@@ -112,14 +112,17 @@ def test_leading_pair_is_a_singular_pair():
     torch.testing.assert_close(torch.einsum("hr,hrs,hs->h", u, core, t), s1)
 
 
-def test_refresh_happens_automatically_after_an_optimiser_step():
+def test_after_optimizer_step_is_the_one_refresh_and_forward_warns_when_stale():
     torch.manual_seed(4)
     layer = UltraMemLayer(small_cfg())
     opt = torch.optim.SGD(layer.parameters(), lr=1.0)
     before = layer.retrieval.u.clone()
     layer(torch.randn(2, 3, 32)).pow(2).sum().backward()
     opt.step()
-    layer(torch.randn(1, 1, 32))  # forward notices the cores changed
+    with pytest.warns(RuntimeWarning, match="after_optimizer_step"):
+        layer(torch.randn(1, 1, 32))  # forward does not refresh: it says the cores are stale
+    assert torch.equal(layer.retrieval.u, before)
+    layer.after_optimizer_step()
     u_expected, _ = _leading_pair(layer.retrieval.cores.sum(1).detach(), before, layer.retrieval.t)
     torch.testing.assert_close(layer.retrieval.u, u_expected)
     assert not torch.equal(layer.retrieval.u, before)

@@ -3,16 +3,19 @@
 from .config import PKMConfig, UltraMemConfig
 from .diagnostics import retrieval_recall, used_rows
 from .layers import PKMLayer, UltraMemLayer
-from .retrieval import Retrieved
+from .memory import MemoryLayer, Retrieved, TableFactory, memory_layers
 from .values import ValueTable
 
 __all__ = [
+    "MemoryLayer",
     "PKMConfig",
     "PKMLayer",
     "Retrieved",
+    "TableFactory",
     "UltraMemConfig",
     "UltraMemLayer",
     "ValueTable",
+    "memory_layers",
     "retrieval_recall",
     "used_rows",
 ]

@@ -7,8 +7,9 @@ Definitions (all counts are numbers of scalars):
 - activated (per token, embeddings excluded): every non-sparse, non-embedding parameter (attention,
   norms, dense FFNs, MoE routers, and the memory's query, keys, cores, norms and output linear:
   every key is scored for every token, so keys are dense compute) plus, per MoE layer,
-  topk * (params of one expert), plus, per memory layer, heads * topk rows of its value table
-  (row width = table size / physical rows; D_v for UltraMem whatever the chunking, v_dim for PKM).
+  topk * (params of one expert), plus, per memory layer, its `value_param_counts()`: rows read per
+  token (heads * topk) at full row width (D_v for UltraMem whatever the chunking, v_dim for PKM).
+  A table shared by several layers is counted once in total/sparse.
 - activated_with_embedding: activated + embedding (the usual "activated params" headline).
 - flops_per_token (forward, multiply-add = 2): 2 * (activated params with ndim >= 2)
   + 2 * vocab * dim (output head) + 4 * n_layers * seq_len * dim (QK^T and AV over the full
@@ -38,10 +39,13 @@ def count_params(model, seq_len: int | None = None) -> dict[str, int]:
             moe_total += n
             moe_active += m.topk * (n // m.num_experts)
             sparse_ids |= {id(p) for p in m.expert_parameters()}
+    tables = set()
     for m in model.memory_layers():
-        n = sum(p.numel() for p in m.value_parameters())
-        mem_total += n
-        mem_active += m.cfg.heads * m.cfg.topk * (n // m.cfg.num_values)
+        total_values, active_values = m.value_param_counts()
+        mem_active += active_values
+        if id(m.values) not in tables:  # a table shared by several layers counts once in the total
+            tables.add(id(m.values))
+            mem_total += total_values
         sparse_ids |= {id(p) for p in m.value_parameters()}
 
     total = sum(p.numel() for p in by_id.values())

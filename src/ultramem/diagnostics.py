@@ -6,11 +6,12 @@ import contextlib
 
 import torch
 
-from .layers import PKMLayer, UltraMemLayer
+from .layers import UltraMemLayer
+from .memory import MemoryLayer
 
 
 @torch.no_grad()
-def retrieval_recall(layer: UltraMemLayer | PKMLayer, x_BTD: torch.Tensor) -> float:
+def retrieval_recall(layer: MemoryLayer, x_BTD: torch.Tensor) -> float:
     """Mean fraction of the exact top-m slots (brute force over the grid) that the default
     retrieval also keeps, over tokens and heads. 1.0 means the fast search lost nothing."""
     fast = layer.retrieve(x_BTD).indices
@@ -20,15 +21,13 @@ def retrieval_recall(layer: UltraMemLayer | PKMLayer, x_BTD: torch.Tensor) -> fl
 
 
 @torch.no_grad()
-def row_reads(layer: UltraMemLayer | PKMLayer, x_BTD: torch.Tensor) -> torch.Tensor:
+def row_reads(layer: MemoryLayer, x_BTD: torch.Tensor) -> torch.Tensor:
     """Per physical value row (N,), how many times the given inputs read it (all heads, slots)."""
-    idx = layer.retrieve(x_BTD).indices.reshape(-1)
-    if isinstance(layer, UltraMemLayer):
-        idx = layer.perm[idx] % layer.cfg.num_values
-    return torch.bincount(idx, minlength=layer.values.num_rows)
+    rows = layer.physical_rows(layer.retrieve(x_BTD).indices).reshape(-1)
+    return torch.bincount(rows, minlength=layer.values.num_rows)
 
 
-def used_rows(layer: UltraMemLayer | PKMLayer, x_BTD: torch.Tensor) -> torch.Tensor:
+def used_rows(layer: MemoryLayer, x_BTD: torch.Tensor) -> torch.Tensor:
     """Boolean mask (N,) of physical value rows read for the given inputs (for dead-row counts)."""
     return row_reads(layer, x_BTD) > 0
 

@@ -1,18 +1,22 @@
 """The memory layers: `UltraMemLayer` (v1, SPEC section 4) and `PKMLayer` (SPEC section 3).
 
+Both implement `memory.MemoryLayer`; their value tables come from a `TableFactory`.
+
 Shape legend: B batch, T time, D model width, H heads, M kept per head, C cores (MCS chunks),
-E value-expansion blocks, V value width D_v, K = H * M entries per token.
+G value-expansion blocks (E of them), V value width D_v, K = H * M entries per token.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import PKMConfig, UltraMemConfig
-from .retrieval import ConvState, Retrieved, TuckerRetrieval
-from .values import ValueTable
+from .memory import MemoryLayer, Retrieved, TableFactory, default_table_factory
+from .retrieval import ConvState, TuckerRetrieval
 
 
 def _check_input(x: torch.Tensor, dim: int, name: str, training: bool) -> None:
@@ -28,16 +32,33 @@ def _check_input(x: torch.Tensor, dim: int, name: str, training: bool) -> None:
             raise ValueError(f"{name}: input contains NaN or Inf; refusing to train on it")
 
 
-class UltraMemLayer(nn.Module):
-    """UltraMem memory layer: TDQKR retrieval, raw scores, MCS, IVE and the merged output linear."""
+def _legacy_state(state, exact: bool, conv_state, name: str):
+    """Accept the 0.1 call forms `layer(x, True)` (exact) and `conv_state=` with a warning."""
+    if isinstance(state, bool):
+        warnings.warn(f"{name}(x, exact) positionally is deprecated; pass exact=True",
+                      DeprecationWarning, stacklevel=3)
+        state, exact = None, state
+    if conv_state is not None:
+        warnings.warn(f"{name}(conv_state=...) is deprecated; pass state=... (see new_state())",
+                      DeprecationWarning, stacklevel=3)
+        state = conv_state
+    return state, exact
 
-    def __init__(self, cfg: UltraMemConfig):
+
+class UltraMemLayer(MemoryLayer):
+    """UltraMem memory layer: TDQKR retrieval, raw scores, MCS, IVE and the merged output linear.
+
+    table_factory builds the value table (default: the in-memory `ValueTable`)."""
+
+    def __init__(self, cfg: UltraMemConfig, table_factory: TableFactory | None = None):
         super().__init__()
         if not isinstance(cfg, UltraMemConfig):
             raise TypeError(f"cfg: expected UltraMemConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.retrieval = TuckerRetrieval(cfg)
-        self.values = ValueTable(cfg.num_values, cfg.v_dim, cfg.num_cores, sparse=cfg.sparse_values)
+        factory = table_factory or default_table_factory
+        self.values = factory(cfg.num_values, cfg.v_dim, cfg.num_cores, sparse=cfg.sparse_values,
+                              lookup=cfg.lookup)
         self.w_o = nn.Linear(cfg.value_expansion * cfg.v_dim, cfg.out_dim, bias=False)
         self.register_buffer("perm", torch.randperm(cfg.num_virtual))
         self.init_weights()
@@ -63,7 +84,7 @@ class UltraMemLayer(nn.Module):
             std = (cfg.value_expansion / (2 * cfg.topk * cfg.heads * cfg.depth)) ** 0.5
         else:
             std = 0.02
-        nn.init.normal_(self.values.weight, std=std)
+        self.values.init_weights(std)
         nn.init.normal_(self.w_o.weight, std=(cfg.value_expansion * cfg.v_dim) ** -0.5)
 
     def retrieve(self, x_BTD: torch.Tensor, exact: bool = False) -> Retrieved:
@@ -71,24 +92,47 @@ class UltraMemLayer(nn.Module):
         _check_input(x_BTD, self.cfg.dim, "UltraMemLayer.retrieve", False)
         return self.retrieval(x_BTD, exact=exact)
 
-    def forward(self, x_BTD: torch.Tensor, exact: bool = False, conv_state: ConvState | None = None):
-        """conv_state: with query_conv, carries the last inputs between decode steps (KV-cache use)."""
+    def new_state(self) -> ConvState | None:
+        """With query_conv, the conv's input history carried between decode steps; else None."""
+        return ConvState() if self.cfg.query_conv else None
+
+    def forward(self, x_BTD: torch.Tensor, state: ConvState | None = None, *, exact: bool = False,
+                conv_state: ConvState | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D_out). state: from `new_state()`, for step-by-step decoding."""
+        state, exact = _legacy_state(state, exact, conv_state, "UltraMemLayer")
         cfg = self.cfg
         _check_input(x_BTD, cfg.dim, "UltraMemLayer", self.training)
         B, T, _ = x_BTD.shape
-        idx_BTHM, scores_BTHMC = self.retrieval(x_BTD, exact=exact, conv_state=conv_state)
-        # IVE: virtual slot -> (block g, physical row i) through the fixed permutation
-        # (index_select: half the time of advanced indexing at decode sizes).
-        phys_TK = self.perm.index_select(0, idx_BTHM.reshape(-1)).view(B * T, -1)
-        block_TK = torch.div(phys_TK, cfg.num_values, rounding_mode="floor")
-        row_TK = phys_TK - block_TK * cfg.num_values
+        retrieved = self.retrieval(x_BTD, exact=exact, conv_state=state)
+        self._notify_retrieval(retrieved)
+        idx_BTHM, scores_BTHMC = retrieved
+        row_TK, block_TK = self.slot_locations(idx_BTHM.reshape(B * T, -1))
         w_TKC = scores_BTHMC.reshape(B * T, -1, cfg.num_cores)
-        pooled_TEV = self.values.pool(row_TK, block_TK, w_TKC, cfg.value_expansion, impl=cfg.lookup)
-        pooled = pooled_TEV.reshape(B, T, -1).to(self.w_o.weight.dtype)
+        pooled_TGV = self.values.pool(row_TK, block_TK, w_TKC, cfg.value_expansion)
+        pooled = pooled_TGV.reshape(B, T, -1).to(self.w_o.weight.dtype)
         return self.w_o(pooled)
 
-    def refresh_tucker(self) -> None:
+    def slot_locations(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """IVE: virtual slot ids -> (physical row, expansion block), each of idx's shape, through
+        the fixed permutation (index_select: half the time of advanced indexing at decode sizes)."""
+        phys = self.perm.index_select(0, idx.reshape(-1)).view(idx.shape)
+        block = torch.div(phys, self.cfg.num_values, rounding_mode="floor")
+        return phys - block * self.cfg.num_values, block
+
+    def physical_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.slot_locations(indices)[0]
+
+    def index_bytes(self, indices: torch.Tensor) -> int:
+        """The `perm` entries of the distinct virtual slots read."""
+        return int(torch.unique(indices.reshape(-1)).numel()) * self.perm.element_size()
+
+    def after_optimizer_step(self) -> None:
+        """Recompute the stage-1 singular vectors of the changed cores (and drop the key cache)."""
         self.retrieval.refresh_tucker(force=True)
+
+    def refresh_tucker(self) -> None:
+        """The same refresh as `after_optimizer_step` (the 0.1 name, kept)."""
+        self.after_optimizer_step()
 
     def aux_loss(self) -> torch.Tensor:
         """alpha/(r-1) * sum over heads and i >= 2 of relu(lambda_i - tau)^2 (zero when disabled)."""
@@ -98,9 +142,6 @@ class UltraMemLayer(nn.Module):
         excess = (self.retrieval.singular_values()[:, 1:] - cfg.core_loss_tau).clamp_min(0)
         return cfg.core_loss_coef / (cfg.tucker_rank - 1) * excess.pow(2).sum()
 
-    def value_parameters(self) -> list[nn.Parameter]:
-        return [self.values.weight]
-
     @torch.no_grad()
     def memory_stats(self) -> dict[str, float]:
         sv = self.retrieval.singular_values()
@@ -109,11 +150,11 @@ class UltraMemLayer(nn.Module):
         return {"core_sv_ratio": (sv[:, 1] / sv[:, 0].clamp_min(1e-12)).mean().item()}
 
 
-class PKMLayer(nn.Module):
+class PKMLayer(MemoryLayer):
     """Product-key memory: per-head queries and sub-keys, additive grid, softmax over the kept k,
     one value table shared by the heads. Optional Memory+ gate and output projection."""
 
-    def __init__(self, cfg: PKMConfig):
+    def __init__(self, cfg: PKMConfig, table_factory: TableFactory | None = None):
         super().__init__()
         if not isinstance(cfg, PKMConfig):
             raise TypeError(f"cfg: expected PKMConfig, got {type(cfg).__name__}")
@@ -131,7 +172,8 @@ class PKMLayer(nn.Module):
             self.q_norm = nn.Identity()
         self.subkeys = nn.Parameter(torch.empty(H, 2, cfg.num_keys, Dk // 2))
         self.key_gain = nn.Parameter(torch.ones(Dk // 2)) if cfg.key_norm else None
-        self.values = ValueTable(cfg.num_values, cfg.v_dim, 1, sparse=cfg.sparse_values)
+        factory = table_factory or default_table_factory
+        self.values = factory(cfg.num_values, cfg.v_dim, 1, sparse=cfg.sparse_values, lookup=cfg.lookup)
         self.w_g = nn.Linear(cfg.dim, cfg.v_dim, bias=False) if cfg.memory_plus else None
         needs_proj = cfg.memory_plus or cfg.v_dim != cfg.out_dim
         self.w_o = nn.Linear(cfg.v_dim, cfg.out_dim, bias=False) if needs_proj else None
@@ -147,7 +189,7 @@ class PKMLayer(nn.Module):
         bound = (cfg.key_dim // 2) ** -0.5
         nn.init.uniform_(self.subkeys, -bound, bound)
         std = cfg.value_init_std if cfg.value_init_std is not None else cfg.v_dim ** -0.5
-        nn.init.normal_(self.values.weight, std=std)
+        self.values.init_weights(std)
         if self.w_g is not None:
             nn.init.normal_(self.w_g.weight, std=cfg.dim ** -0.5)
         if self.w_o is not None:
@@ -194,26 +236,20 @@ class PKMLayer(nn.Module):
         scores = best.softmax(dim=-1) if cfg.softmax else best
         return Retrieved(idx_BTHk, scores.unsqueeze(-1))
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, state=None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D_out); PKM carries no decode state (state is accepted and unused)."""
         cfg = self.cfg
         _check_input(x_BTD, cfg.dim, "PKMLayer", self.training)
         B, T, _ = x_BTD.shape
-        idx_BTHk, scores_BTHk1 = self.retrieve(x_BTD)
+        retrieved = self.retrieve(x_BTD)
+        self._notify_retrieval(retrieved)
+        idx_BTHk, scores_BTHk1 = retrieved
         pooled = self.values.pool(idx_BTHk.reshape(B * T, -1), None, scores_BTHk1.reshape(B * T, -1, 1),
-                                  1, impl=cfg.lookup).view(B, T, cfg.v_dim)
+                                  1).view(B, T, cfg.v_dim)
         pooled = pooled.to(x_BTD.dtype)
         if self.w_g is not None:
             pooled = pooled * F.silu(self.w_g(x_BTD))
         return self.w_o(pooled) if self.w_o is not None else pooled
 
-    def refresh_tucker(self) -> None:
-        """No Tucker cores in PKM: nothing to refresh (kept so model code treats memories alike)."""
-
     def aux_loss(self) -> torch.Tensor:
         return self.subkeys.new_zeros(())
-
-    def value_parameters(self) -> list[nn.Parameter]:
-        return [self.values.weight]
-
-    def memory_stats(self) -> dict[str, float]:
-        return {}

@@ -25,7 +25,7 @@ from .attention import CausalSelfAttention, KVCache, rotary_tables
 from .config import PKMConfig, UltraMemConfig
 from .ffn import MoE, SwiGLU
 from .layers import PKMLayer, UltraMemLayer
-from .retrieval import ConvState
+from .memory import MemoryLayer
 
 FFN_KINDS = ("dense", "moe", "pkm", "ultramem")
 MEMORY_KINDS = {"pkm": (PKMConfig, PKMLayer), "ultramem": (UltraMemConfig, UltraMemLayer)}
@@ -230,12 +230,7 @@ class LanguageModel(nn.Module):
         for n, blk in enumerate(self.blocks):
             x_BTD, u_BTD = blk(x_BTD, cos, sin, kv_cache, n)
             if n in self._reads:
-                mem = self.memory[self._reads[n]]
-                if kv_cache is not None and getattr(mem.cfg, "query_conv", False):
-                    state = kv_cache.memory_state.setdefault(self._reads[n], ConvState())
-                    pending = mem(u_BTD, conv_state=state)
-                else:
-                    pending = mem(u_BTD)
+                pending = self._memory_forward(self._reads[n], u_BTD, kv_cache)
             if n in self._writes:
                 x_BTD = x_BTD + self.drop(pending.to(x_BTD.dtype))
                 pending = None
@@ -252,12 +247,21 @@ class LanguageModel(nn.Module):
                                    ignore_index=IGNORE_INDEX)
         return logits_BTV, loss
 
+    def _memory_forward(self, i: int, u_BTD: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        """Memory i on the normed hidden state; with a KV cache its decode state lives there too."""
+        mem = self.memory[i]
+        if kv_cache is None:
+            return mem(u_BTD)
+        if i not in kv_cache.memory_state:
+            kv_cache.memory_state[i] = mem.new_state()
+        return mem(u_BTD, kv_cache.memory_state[i])
+
     def _check_cache(self, kv_cache: KVCache, batch: int, end: int) -> None:
         if kv_cache.batch_size != batch or end > kv_cache.max_len:
             raise ValueError(f"kv_cache: holds {kv_cache.batch_size} sequences of {kv_cache.max_len} "
                              f"positions; got batch {batch} reaching position {end}")
 
-    def memory_layers(self) -> list[nn.Module]:
+    def memory_layers(self) -> list[MemoryLayer]:
         return list(self.memory)
 
     def moe_layers(self) -> list[MoE]:
@@ -275,9 +279,14 @@ class LanguageModel(nn.Module):
     def aux_loss(self) -> torch.Tensor:
         return sum(self.aux_losses().values(), self.tok_emb.weight.new_zeros(()))
 
-    def refresh_tucker(self) -> None:
+    def after_optimizer_step(self) -> None:
+        """Every memory layer's post-step hook (the Tucker refresh); the trainer calls it once a step."""
         for m in self.memory:
-            m.refresh_tucker()
+            m.after_optimizer_step()
+
+    def refresh_tucker(self) -> None:
+        """The 0.1 name of `after_optimizer_step` (kept)."""
+        self.after_optimizer_step()
 
     def value_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.memory for p in m.value_parameters()]

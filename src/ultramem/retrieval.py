@@ -21,35 +21,22 @@ Speed (the decode path is latency-bound, see bench/layer_bench.py):
   rank-major so that the stage-1 proxy and the gathers run over contiguous key rows;
 - without autograd that key matrix is cached (see `_key_matrix`), so a decode step does not
   re-normalise ~10^6 key weights per call;
-- top-k over long rows goes through `_topk_idx` (an exact block-wise selection), about 2x faster
-  than one `torch.topk` over 1024 entries on CPU; `_topk_plan` sizes the blocks for the thread count.
+- top-k over long rows goes through `ops.topk_indices` (on CPU an exact block-wise selection, about
+  2x faster than one `torch.topk` over 1024 entries); the key products through `ops.score_keys`.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import UltraMemConfig
-
-# Cost model of torch's CPU topk, for `_topk_plan` (measured on a 2-core EPYC VM, torch 2.13):
-# ~10 ns per entry nearly whatever the row length (branch misses dominate), ~60 us of fixed cost
-# for one level of the blocked search (about six small ops), and rows split over threads in tasks
-# of at least GRAIN entries (at::internal::GRAIN_SIZE), so short rows parallelise only in bulk.
-TOPK_NS_PER_ENTRY = 10.0
-TOPK_NS_PER_LEVEL = 60_000.0
-TOPK_GRAIN = 32768
-
-
-class Retrieved(NamedTuple):
-    """indices: (B, T, H, M) int64 virtual slot ids in [0, E*N); scores: (B, T, H, M, C)."""
-
-    indices: torch.Tensor
-    scores: torch.Tensor
+from .memory import Retrieved
+from .ops.scoring import score_keys
+from .ops.topk import topk_indices
 
 
 def _norm(x: torch.Tensor, gain: torch.Tensor | None, kind: str) -> torch.Tensor:
@@ -113,7 +100,9 @@ class TuckerRetrieval(nn.Module):
         self.register_buffer("t", torch.zeros(H, R))
         self._cores_version = -1  # cores._version at the last refresh; forces a refresh on first use
         self._key_cache: tuple[tuple, torch.Tensor] | None = None  # (stamp, key matrix), no-grad only
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_tucker(force=True))
+        self._warned_stale = False
+        # A module-level function, not a lambda: the layer must stay picklable (torch.save(layer)).
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -167,6 +156,22 @@ class TuckerRetrieval(nn.Module):
         x_BTD = torch.randn(1, tokens, self.cfg.dim, generator=gen, device=self.w_q.weight.device,
                             dtype=self.w_q.weight.dtype)
         return self(x_BTD).scores.float().pow(2).mean().sqrt().item()
+
+    def _check_fresh(self) -> None:
+        """Warn (once) when the cores changed in place since the last refresh.
+
+        The refresh itself happens in one place: `UltraMemLayer.after_optimizer_step()` (the
+        trainer calls it after every optimiser step), `refresh_tucker()`, and after
+        `load_state_dict`. Forward does not refresh: a fused optimiser updates the cores without
+        bumping their version counter, so a lazy check here could never be the mechanism."""
+        if self.cores is None or self._warned_stale:
+            return
+        version = _version_of(self.cores)
+        if version is not None and self._cores_version != -1 and version != self._cores_version:
+            self._warned_stale = True
+            warnings.warn("UltraMem: the Tucker cores changed since the last refresh of the stage-1 "
+                          "vectors; call layer.after_optimizer_step() (or refresh_tucker()) after each "
+                          "optimiser step", RuntimeWarning, stacklevel=4)
 
     @torch.no_grad()
     def refresh_tucker(self, force: bool = False) -> None:
@@ -248,7 +253,7 @@ class TuckerRetrieval(nn.Module):
         q_NSK = self.w_q(x_BTD).reshape(B * T, 2, cfg.key_dim)  # (row | col) halves of W_q x
         q_NSK = _norm(q_NSK, None, cfg.norm)  # gains live in the key matrix
         keys_SKJ = self._key_matrix()
-        s_SNJ = torch.bmm(q_NSK.transpose(0, 1), keys_SKJ.to(q_NSK.dtype))
+        s_SNJ = score_keys(q_NSK, keys_SKJ)
         return s_SNJ.view(2, B, T, cfg.heads, cfg.tucker_rank, cfg.keys_per_side)
 
     def row_col_scores(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,7 +264,7 @@ class TuckerRetrieval(nn.Module):
     def forward(self, x_BTD: torch.Tensor, exact: bool = False,
                 conv_state: ConvState | None = None) -> Retrieved:
         if not torch.compiler.is_compiling():
-            self.refresh_tucker()
+            self._check_fresh()
         s_SBTHRP = self._scores(x_BTD, conv_state)
         if exact or self.cfg.topm_search == "exact":
             row_BTHM, col_BTHM = self._select_exact(s_SBTHRP)
@@ -278,15 +283,15 @@ class TuckerRetrieval(nn.Module):
             # Both ends of each proxy: the product rho * gamma is large when both are large or
             # both very negative. The top end is masked before taking the bottom one, so the two
             # halves never share an index (ties included) and the grid has no duplicate pairs.
-            hi_SBTHQ = _topk_idx(proxy_SBTHP, m1 - m1 // 2, sorted=False)
+            hi_SBTHQ = topk_indices(proxy_SBTHP, m1 - m1 // 2, sorted=False)
             masked_SBTHP = proxy_SBTHP.scatter(-1, hi_SBTHQ, float("inf"))
-            lo_SBTHQ = _topk_idx(-masked_SBTHP, m1 // 2, sorted=False)
+            lo_SBTHQ = topk_indices(-masked_SBTHP, m1 // 2, sorted=False)
             cand_SBTHQ = torch.cat((hi_SBTHQ, lo_SBTHQ), dim=-1)
         else:
-            cand_SBTHQ = _topk_idx(proxy_SBTHP, m1, sorted=False)
+            cand_SBTHQ = topk_indices(proxy_SBTHP, m1, sorted=False)
         cand_SBTHRQ = s_SBTHRP.gather(-1, _expand_rank(cand_SBTHQ, s_SBTHRP.shape[-2]))
         grid_BTHQQ = self._summed_grid(cand_SBTHRQ[0], cand_SBTHRQ[1])
-        flat_BTHM = _topk_idx(grid_BTHQQ.flatten(-2), m, sorted=True)
+        flat_BTHM = topk_indices(grid_BTHQQ.flatten(-2), m, sorted=True)
         row_BTHM = cand_SBTHQ[0].gather(-1, flat_BTHM // m1)
         col_BTHM = cand_SBTHQ[1].gather(-1, flat_BTHM % m1)
         return row_BTHM, col_BTHM
@@ -323,55 +328,5 @@ def _expand_rank(idx_XQ: torch.Tensor, R: int) -> torch.Tensor:
     return idx_XQ.unsqueeze(-2).expand(*idx_XQ.shape[:-1], R, idx_XQ.shape[-1])
 
 
-def _topk_idx(x_XL: torch.Tensor, k: int, sorted: bool) -> torch.Tensor:
-    """Indices of the k largest entries of each row (the same set as `torch.topk`, ties aside).
-
-    CPU `topk` costs ~10 ns per entry, so long rows go through blocks: cut a row into L/w blocks
-    (block j = entries j, j + L/w, ...; strided, so the block maxima are w contiguous vector
-    maxima). An entry of the row's top k lies in a block whose maximum is among the k largest
-    block maxima - else k other blocks, each holding an entry at least as large, would outrank
-    it. So: top k of the block maxima (recursively), then top k of the k*w entries of those
-    blocks. `_topk_plan` picks the widths. L = 1024, k = 32, one thread: 1024 -> 512 -> 128
-    maxima, topk over 128, 128 and 64 entries instead of 1024 (~2x faster).
-    """
-    L = x_XL.shape[-1]
-    if x_XL.is_cuda or x_XL.numel() == 0:  # a GPU topk has no such per-entry cost
-        return x_XL.topk(k, dim=-1, sorted=sorted).indices
-    _, plan = _topk_plan(L, k, x_XL.numel() // L, torch.get_num_threads())
-    return _blocked_topk(x_XL, k, sorted, plan)
-
-
-def _blocked_topk(x_XL: torch.Tensor, k: int, sorted: bool, widths: tuple[int, ...]) -> torch.Tensor:
-    if not widths:
-        return x_XL.topk(k, dim=-1, sorted=sorted).indices
-    L, w = x_XL.shape[-1], widths[0]
-    S = L // w
-    block_max_XS = x_XL.unflatten(-1, (w, S)).amax(-2)
-    blocks_XK = _blocked_topk(block_max_XS, k, False, widths[1:])
-    starts_W1 = torch.arange(0, L, S, device=x_XL.device).unsqueeze(-1)
-    cand_XC = (blocks_XK.unsqueeze(-2) + starts_W1).flatten(-2)
-    best_XK = x_XL.gather(-1, cand_XC).topk(k, dim=-1, sorted=sorted).indices
-    return cand_XC.gather(-1, best_XK)
-
-
-@functools.lru_cache(maxsize=512)
-def _topk_plan(L: int, k: int, rows: int, threads: int) -> tuple[float, tuple[int, ...]]:
-    """(estimated ns, block widths outermost first) of the cheapest blocked top-k of `rows` rows.
-
-    A plain topk over n entries a row runs in min(threads, ceil(rows / (GRAIN // n))) tasks, so
-    with two threads and 256 rows, 1024 -> 256 maxima (256 entries a row parallelise) beats
-    1024 -> 512 -> 128 (128 entries do not) although it sorts through more entries."""
-
-    def plain(n: int) -> float:
-        tasks = min(threads, -(-rows // max(1, TOPK_GRAIN // n)))
-        return rows * n * TOPK_NS_PER_ENTRY / tasks
-
-    best = (plain(L), ())
-    for w in (2, 4, 8, 16, 32):
-        if L % w or L // w < k or k * w >= L:
-            continue
-        sub_cost, sub_widths = _topk_plan(L // w, k, rows, threads)
-        cost = plain(k * w) + sub_cost + TOPK_NS_PER_LEVEL
-        if cost < best[0]:
-            best = (cost, (w, *sub_widths))
-    return best
+def _refresh_after_load(module: TuckerRetrieval, _incompatible_keys) -> None:
+    module.refresh_tucker(force=True)

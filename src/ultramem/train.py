@@ -380,7 +380,7 @@ def _train(cfg: RunConfig, log, data) -> dict:
         gnorm = clip_grad_norm(opt.params(), tc.grad_clip or None)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        model.refresh_tucker()
+        model.after_optimizer_step()
         step += 1
         pending.append(torch.stack([loss.detach().float(), ce.detach().float(), gnorm.detach().float()]
                                    + [a.detach().float() for a in aux.values()]))

@@ -1,44 +1,52 @@
-"""Value tables and weighted pooling of the kept rows (the memory-bound hot path).
+"""Value tables: where a memory layer's rows live and how the kept ones are pooled.
 
-Shape legend (suffixes on tensor names):
-    T  tokens (batch and time flattened)     K  kept entries per token (heads * topk)
-    G  bags per token (IVE blocks E; 1 for PKM)
-    C  value chunks (MCS cores h)            D  chunk width (D_v / h)
-    N  physical value rows
+`ValueTable` is the in-memory table every layer gets by default (see `memory.TableFactory`): a
+sharded, quantised or offloaded table is another class with the same `pool` / `init_weights`
+methods, handed to the layer through its `table_factory` argument. The pooling maths and its
+implementations are in `ultramem.ops.pooling`.
 
-Pooling semantics, shared by every implementation:
-    out_TGCD[t, g, c] = sum over k with bag_TK[t, k] == g of  w_TKC[t, k, c] * V[row_TK[t, k], chunk c]
-
-The table is stored as (N * C, D) so that chunk c of row i is storage row i * C + c. That layout
-makes every (token, bag, chunk) one bag of `embedding_bag` with a scalar weight per entry, and
-keeps row-sparse gradients possible (a sparse gradient cannot flow back through a reshape).
+Shape legend: T tokens, K kept entries per token, G bags per token, C chunks, N physical rows.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-POOL_IMPLS = ("fused", "reference")
+from .ops import dispatch
+from .ops.pooling import pool_fused, pool_reference
+
+LOOKUP_KINDS = ("fused", "reference")
+POOL_IMPLS = LOOKUP_KINDS  # deprecated name, kept for callers of the 0.1 API
+
+__all__ = ["LOOKUP_KINDS", "POOL_IMPLS", "ValueTable", "pool_fused", "pool_reference"]
 
 
 class ValueTable(nn.Module):
-    """N rows of width `dim`, read in `num_chunks` equal chunks.
+    """N rows of width `dim`, read in `num_chunks` equal chunks; stored as (N * chunks, dim / chunks).
 
-    Subclass and override `pool` to put the table elsewhere (sharded over processes, offloaded):
-    the retrieval code only ever calls `pool` and never touches `weight` directly.
+    lookup: "fused" lets `ultramem.ops` pick the fastest pooling for the device and dtype;
+    "reference" always runs the gather + einsum oracle.
     """
 
-    def __init__(self, num_rows: int, dim: int, num_chunks: int = 1, sparse: bool = False):
+    def __init__(self, num_rows: int, dim: int, num_chunks: int = 1, sparse: bool = False,
+                 lookup: str = "fused"):
         super().__init__()
         if dim % num_chunks:
             raise ValueError(f"dim: must be divisible by num_chunks={num_chunks} (got {dim})")
+        if lookup not in LOOKUP_KINDS:
+            raise ValueError(f"lookup: must be one of {LOOKUP_KINDS} (got {lookup!r})")
         self.num_rows, self.dim, self.num_chunks = num_rows, dim, num_chunks
         self.chunk_dim = dim // num_chunks
         self.sparse = sparse
+        self.lookup = lookup
         self.weight = nn.Parameter(torch.empty(num_rows * num_chunks, self.chunk_dim))
         self.read_counts: torch.Tensor | None = None  # per-row reads in training mode (not state)
+
+    @torch.no_grad()
+    def init_weights(self, std: float) -> None:
+        """Every entry N(0, std^2) (each layer's init decides the std; see its `init_weights`)."""
+        nn.init.normal_(self.weight, std=std)
 
     def count_reads(self, enabled: bool = True) -> None:
         """Start (or stop) tallying, per physical row, how often `pool` reads it in training mode:
@@ -58,59 +66,20 @@ class ValueTable(nn.Module):
         return self.weight.view(self.num_rows, self.dim)
 
     def pool(self, row_TK: torch.Tensor, bag_TK: torch.Tensor | None, w_TKC: torch.Tensor,
-             num_bags: int = 1, impl: str = "fused") -> torch.Tensor:
-        """Weighted sums of kept rows per (token, bag, chunk) -> (T, num_bags, dim)."""
+             num_bags: int = 1, impl: str | None = None) -> torch.Tensor:
+        """Weighted sums of kept rows per (token, bag, chunk) -> (T, num_bags, dim).
+
+        impl (deprecated; the table's `lookup` decides): "reference" forces the oracle."""
         if self.read_counts is not None and self.training:
             flat = row_TK.reshape(-1)
             self.read_counts.index_add_(0, flat, torch.ones_like(flat))
-        if impl == "fused":
-            out_TGCD = pool_fused(self.weight, row_TK, bag_TK, w_TKC, num_bags, self.sparse)
-        elif impl == "reference":
-            out_TGCD = pool_reference(self.weight, row_TK, bag_TK, w_TKC, num_bags, self.sparse)
-        else:
-            raise ValueError(f"impl: must be one of {POOL_IMPLS} (got {impl!r})")
+        lookup = self.lookup if impl is None else impl
+        if lookup not in LOOKUP_KINDS:
+            raise ValueError(f"impl: must be one of {LOOKUP_KINDS} (got {lookup!r})")
+        fn = pool_reference if lookup == "reference" else dispatch.select("pool", self.weight).fn
+        out_TGCD = fn(self.weight, row_TK, bag_TK, w_TKC, num_bags, self.sparse)
         return out_TGCD.reshape(row_TK.shape[0], num_bags, self.dim)
 
     def extra_repr(self) -> str:
-        return f"rows={self.num_rows}, dim={self.dim}, chunks={self.num_chunks}, sparse={self.sparse}"
-
-
-def pool_reference(weight_ND: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Tensor | None,
-                   w_TKC: torch.Tensor, num_bags: int, sparse: bool = False) -> torch.Tensor:
-    """The oracle: gather every kept row, weight it and sum with a one-hot bag matrix."""
-    C = w_TKC.shape[-1]
-    idx_TKC = row_TK.unsqueeze(-1) * C + torch.arange(C, device=row_TK.device)
-    gathered_TKCD = F.embedding(idx_TKC, weight_ND, sparse=sparse)
-    if bag_TK is None:
-        bag_TK = torch.zeros_like(row_TK)
-    onehot_TKG = F.one_hot(bag_TK, num_bags).to(gathered_TKCD.dtype)
-    return torch.einsum("tkg,tkc,tkcd->tgcd", onehot_TKG, w_TKC.to(gathered_TKCD.dtype), gathered_TKCD)
-
-
-def pool_fused(weight_ND: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Tensor | None,
-               w_TKC: torch.Tensor, num_bags: int, sparse: bool = False) -> torch.Tensor:
-    """One `embedding_bag` call over all (token, chunk, bag) bags; no (T, K, dim) gather is built.
-
-    Each token's entries are stably sorted by bag so that every bag is a contiguous run; the bag
-    order is (token, chunk, bag), which the final permute turns back into (token, bag, chunk).
-    """
-    T, K = row_TK.shape
-    C = w_TKC.shape[-1]
-    w_TKC = w_TKC.to(weight_ND.dtype)
-    if bag_TK is not None and num_bags > 1:
-        order_TK = torch.argsort(bag_TK, dim=1, stable=True)
-        row_TK = row_TK.gather(1, order_TK)
-        w_TKC = w_TKC.gather(1, order_TK.unsqueeze(-1).expand(T, K, C))
-        counts_TG = torch.zeros(T, num_bags, dtype=torch.long, device=row_TK.device)
-        counts_TG.scatter_add_(1, bag_TK, torch.ones_like(bag_TK))
-    else:
-        num_bags = 1
-        counts_TG = torch.full((T, 1), K, dtype=torch.long, device=row_TK.device)
-    chunk_C = torch.arange(C, device=row_TK.device)
-    idx_TCK = row_TK.unsqueeze(1) * C + chunk_C.view(1, C, 1)
-    w_TCK = w_TKC.transpose(1, 2)
-    counts = counts_TG.unsqueeze(1).expand(T, C, num_bags).reshape(-1)
-    offsets = torch.cumsum(counts, 0) - counts
-    out = F.embedding_bag(idx_TCK.reshape(-1), weight_ND, offsets, mode="sum",
-                          per_sample_weights=w_TCK.reshape(-1), sparse=sparse)
-    return out.view(T, C, num_bags, -1).transpose(1, 2)
+        return (f"rows={self.num_rows}, dim={self.dim}, chunks={self.num_chunks}, sparse={self.sparse}, "
+                f"lookup={self.lookup}")

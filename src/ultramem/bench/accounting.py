@@ -27,6 +27,7 @@ from torch import nn
 
 from ..ffn import MoE
 from ..layers import PKMLayer, UltraMemLayer
+from ..memory import MemoryLayer
 
 
 def params_bytes(params: Iterable[torch.Tensor]) -> int:
@@ -56,24 +57,19 @@ def hf_moe_bytes(block: nn.Module, ids_NK: torch.Tensor) -> dict:
     return moe_bytes(experts, ids_NK, (p for p in block.parameters() if id(p) not in ids))
 
 
-def memory_rows(layer: UltraMemLayer | PKMLayer, idx: torch.Tensor) -> torch.Tensor:
+def memory_rows(layer: MemoryLayer, idx: torch.Tensor) -> torch.Tensor:
     """Distinct physical value rows that the retrieved slots `idx` (any shape) read, sorted."""
-    idx = idx.reshape(-1)
-    if isinstance(layer, UltraMemLayer):
-        idx = layer.perm[idx] % layer.cfg.num_values  # IVE: virtual slot -> physical row
-    return torch.unique(idx)
+    return torch.unique(layer.physical_rows(idx.reshape(-1)))
 
 
-def memory_layer_bytes(layer: UltraMemLayer | PKMLayer, idx: torch.Tensor) -> dict:
+def memory_layer_bytes(layer: MemoryLayer, idx: torch.Tensor) -> dict:
     """Bytes of one memory layer for the retrieved slots `idx`: distinct rows + everything else."""
     table = layer.values
     row_bytes = table.weight.numel() // table.num_rows * table.weight.element_size()
     rows = int(memory_rows(layer, idx).numel())
     values = {id(p) for p in layer.value_parameters()}
     dense = params_bytes(p for p in layer.parameters() if id(p) not in values)
-    index = 0
-    if isinstance(layer, UltraMemLayer):
-        index = int(torch.unique(idx.reshape(-1)).numel()) * layer.perm.element_size()
+    index = layer.index_bytes(idx)
     return {"dense_weights": dense, "value_rows": rows * row_bytes, "distinct_rows": rows,
             "index": index, "total": dense + rows * row_bytes + index}
 
@@ -107,33 +103,20 @@ class Recorder:
                 h = m.register_forward_hook(lambda mod, _i, _o: self.routes.__setitem__(
                     id(mod), mod.last_expert_ids))
                 self._undo.append(h.remove)
-            elif isinstance(m, UltraMemLayer):
-                h = m.retrieval.register_forward_hook(self._slot_hook(id(m)))
+            elif isinstance(m, MemoryLayer):
+                h = m.register_retrieval_hook(self._slot_hook(id(m)))
                 self._undo.append(h.remove)
-            elif isinstance(m, PKMLayer):
-                self._wrap_retrieve(m)
             elif _is_hf_moe(m):
                 h = m.gate.register_forward_hook(self._route_hook(id(m)))
                 self._undo.append(h.remove)
         return self
 
     def _slot_hook(self, key: int):
-        return lambda _mod, _inp, out: self.slots.setdefault(key, []).append(out.indices)
+        return lambda _layer, retrieved: self.slots.setdefault(key, []).append(retrieved.indices)
 
     def _route_hook(self, key: int):
         # HF routers return (logits, weights, expert ids)
         return lambda _mod, _inp, out: self.routes.__setitem__(key, out[2])
-
-    def _wrap_retrieve(self, layer: PKMLayer) -> None:
-        # PKMLayer.forward calls self.retrieve (a method, not a submodule): shadow it on the instance.
-        original = layer.retrieve
-
-        def retrieve(x, exact=False):
-            out = original(x, exact)
-            self.slots.setdefault(id(layer), []).append(out.indices)
-            return out
-        layer.retrieve = retrieve
-        self._undo.append(lambda: delattr(layer, "retrieve"))
 
     def __exit__(self, *exc) -> None:
         for undo in reversed(self._undo):
@@ -153,7 +136,7 @@ class Recorder:
             elif _is_hf_moe(m) and id(m) in self.routes:
                 part = hf_moe_bytes(m, self.routes[id(m)])
                 sparse_ids |= {id(p) for p in m.experts.parameters()}
-            elif isinstance(m, (UltraMemLayer, PKMLayer)) and id(m) in self.slots:
+            elif isinstance(m, MemoryLayer) and id(m) in self.slots:
                 part = memory_layer_bytes(m, torch.cat([i.reshape(-1) for i in self.slots[id(m)]]))
                 sparse_ids |= {id(p) for p in m.value_parameters()}
             if part is not None:
@@ -189,10 +172,9 @@ def layer_param_counts(module: nn.Module) -> dict[str, int]:
             n = sum(p.numel() for p in m.experts.parameters())
             sparse, active_sparse = sparse + n, active_sparse + m.top_k * n // m.experts.num_experts
             sparse_ids |= {id(p) for p in m.experts.parameters()}
-        elif isinstance(m, (UltraMemLayer, PKMLayer)):
-            n = sum(p.numel() for p in m.value_parameters())
-            sparse += n
-            active_sparse += m.cfg.heads * m.cfg.topk * n // m.cfg.num_values
+        elif isinstance(m, MemoryLayer):
+            total_values, active_values = m.value_param_counts()
+            sparse, active_sparse = sparse + total_values, active_sparse + active_values
             sparse_ids |= {id(p) for p in m.value_parameters()}
     dense = sum(p.numel() for p in {id(p): p for p in module.parameters()}.values()
                 if id(p) not in sparse_ids)

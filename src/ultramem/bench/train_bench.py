@@ -54,7 +54,7 @@ def make_step(model: LanguageModel, vocab: int, dtype: str = "fp32"):
         clip_grad_norm(opt.params(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        model.refresh_tucker()
+        model.after_optimizer_step()
 
     return step
 

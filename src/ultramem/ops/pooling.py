@@ -1,0 +1,73 @@
+"""Weighted pooling of kept value rows (the memory-bound hot path of every memory layer).
+
+Shape legend (suffixes on tensor names):
+    T  tokens (batch and time flattened)     K  kept entries per token
+    G  bags per token (IVE blocks; 1 for PKM)
+    C  value chunks (MCS cores h)            D  chunk width (D_v / h)
+    N  storage rows of the table (physical rows * C)
+
+Semantics, shared by every implementation:
+    out_TGCD[t, g, c] = sum over k with bag_TK[t, k] == g of  w_TKC[t, k, c] * W[row_TK[t, k] * C + c]
+
+The table is stored as (rows * C, D) so chunk c of row i is storage row i * C + c: every
+(token, bag, chunk) is one bag of `embedding_bag` with a scalar weight per entry, and row-sparse
+gradients stay possible (a sparse gradient cannot flow back through a reshape).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import register, select
+
+
+def pool_reference(weight_ND: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Tensor | None,
+                   w_TKC: torch.Tensor, num_bags: int, sparse: bool = False) -> torch.Tensor:
+    """The oracle: gather every kept row, weight it and sum with a one-hot bag matrix."""
+    C = w_TKC.shape[-1]
+    idx_TKC = row_TK.unsqueeze(-1) * C + torch.arange(C, device=row_TK.device)
+    gathered_TKCD = F.embedding(idx_TKC, weight_ND, sparse=sparse)
+    if bag_TK is None:
+        bag_TK = torch.zeros_like(row_TK)
+    onehot_TKG = F.one_hot(bag_TK, num_bags).to(gathered_TKCD.dtype)
+    return torch.einsum("tkg,tkc,tkcd->tgcd", onehot_TKG, w_TKC.to(gathered_TKCD.dtype), gathered_TKCD)
+
+
+def pool_fused(weight_ND: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Tensor | None,
+               w_TKC: torch.Tensor, num_bags: int, sparse: bool = False) -> torch.Tensor:
+    """One `embedding_bag` call over all (token, chunk, bag) bags; no (T, K, dim) gather is built.
+
+    Each token's entries are stably sorted by bag so that every bag is a contiguous run; the bag
+    order is (token, chunk, bag), which the final transpose turns back into (token, bag, chunk).
+    """
+    T, K = row_TK.shape
+    C = w_TKC.shape[-1]
+    w_TKC = w_TKC.to(weight_ND.dtype)
+    if bag_TK is not None and num_bags > 1:
+        order_TK = torch.argsort(bag_TK, dim=1, stable=True)
+        row_TK = row_TK.gather(1, order_TK)
+        w_TKC = w_TKC.gather(1, order_TK.unsqueeze(-1).expand(T, K, C))
+        counts_TG = torch.zeros(T, num_bags, dtype=torch.long, device=row_TK.device)
+        counts_TG.scatter_add_(1, bag_TK, torch.ones_like(bag_TK))
+    else:
+        num_bags = 1
+        counts_TG = torch.full((T, 1), K, dtype=torch.long, device=row_TK.device)
+    chunk_C = torch.arange(C, device=row_TK.device)
+    idx_TCK = row_TK.unsqueeze(1) * C + chunk_C.view(1, C, 1)
+    w_TCK = w_TKC.transpose(1, 2)
+    counts = counts_TG.unsqueeze(1).expand(T, C, num_bags).reshape(-1)
+    offsets = torch.cumsum(counts, 0) - counts
+    out = F.embedding_bag(idx_TCK.reshape(-1), weight_ND, offsets, mode="sum",
+                          per_sample_weights=w_TCK.reshape(-1), sparse=sparse)
+    return out.view(T, C, num_bags, -1).transpose(1, 2)
+
+
+register("pool", "reference", pool_reference, reference=True)
+register("pool", "embedding_bag", pool_fused)
+
+
+def pool(weight_ND: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Tensor | None, w_TKC: torch.Tensor,
+         num_bags: int = 1, sparse: bool = False) -> torch.Tensor:
+    """(T, G, C, D) pooled chunks; the implementation is picked by `dispatch.select`."""
+    return select("pool", weight_ND).fn(weight_ND, row_TK, bag_TK, w_TKC, num_bags, sparse)
