@@ -39,11 +39,11 @@ def _losses(out_dir):
 def test_resume_reproduces_uninterrupted_losses_bitwise(tmp_path, cache_dir, model):
     # dropout makes the global RNG matter, so its restoration is tested too
     straight = _cfg(tmp_path / "a", cache_dir, model, eval_every=3)
-    straight.model["dropout"] = 0.1
+    straight.model = straight.model.replace(dropout=0.1)
     full = train(straight, log=lambda *_: None)
 
     halves = _cfg(tmp_path / "b", cache_dir, model, eval_every=3, stop_after=4)
-    halves.model["dropout"] = 0.1
+    halves.model = halves.model.replace(dropout=0.1)
     first = train(halves, log=lambda *_: None)
     assert first["step"] == 4 and [s for s, _ in first["losses"]] == [1, 2, 3, 4]
     halves.train.stop_after, halves.train.resume = None, True
@@ -100,13 +100,13 @@ def test_load_run_rebuilds_the_trained_model(tmp_path, cache_dir):
 def test_resume_with_other_model_config_names_the_field(tmp_path, cache_dir):
     train(_cfg(tmp_path, cache_dir, "dense", steps=2), log=lambda *_: None)
     other = _cfg(tmp_path, cache_dir, "dense", steps=4, resume=True)
-    other.model["ffn_hidden"] = 96
+    other.model = other.model.replace(ffn_hidden=96)
     with pytest.raises(CheckpointError, match="checkpoint.safetensors.*ffn_hidden: checkpoint has 64"):
         train(other, log=lambda *_: None)
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"train": {"steps": 0}}, r"train.steps: must be an int >= 1 \(got 0\)"),
+    ({"train": {"steps": 0}}, r"train.steps: must be a positive int \(got 0\)"),
     ({"train": {"dtype": "fp16"}}, r"train.dtype: must be one of \['auto', 'fp32', 'bf16'\]"),
     ({"train": {"warmup_steps": 50, "steps": 10}}, "train.warmup_steps: must be <= steps=10"),
     ({"train": {"stepz": 3}}, r"train: unknown key\(s\) \['stepz'\]; allowed keys are \[.*'steps'"),

@@ -64,7 +64,7 @@ def run_config(cfg_name: str, seed: int, value_std: float | None, out_dir: Path)
     model = json.loads(json.dumps(spec["model"]))
     if value_std is not None:
         model["memory"]["value_init_std"] = value_std
-    train_cfg = {**spec["train"], "out_dir": str(out_dir), "resume": True, "progress": False,
+    train_cfg = {**spec["train"], "out_dir": str(out_dir), "resume": "auto", "progress": False,
                  "cache_dir": str(ROOT / "cache"), "eval_every": 13, "threads": 1}
     return RunConfig.from_dict({"model": model, "data": spec["data"], "train": train_cfg})
 

@@ -269,11 +269,12 @@ def _plain(x):
 
 def load_checkpoint(path, model: torch.nn.Module | None = None, optimizer=None, *,
                     expect_model_config: dict | None = None, restore_rng: bool = False,
-                    verify: bool = True) -> Checkpoint:
+                    verify: bool = True, normalize_config=None) -> Checkpoint:
     """Read a checkpoint and (optionally) load it into model / optimizer / global RNGs.
 
     Raises CheckpointError naming the file and the problem when the file is damaged, was written
-    for a different model config, or does not fit the given model or optimiser.
+    for a different model config, or does not fit the given model or optimiser. normalize_config
+    maps the saved model config to today's form before it is compared (older checkpoints).
     """
     path = resolve_checkpoint(path)
     header = _read_header(path)
@@ -287,7 +288,13 @@ def load_checkpoint(path, model: torch.nn.Module | None = None, optimizer=None, 
         raise CheckpointError(f"{path}: checksum mismatch, the tensor data is corrupt")
 
     if expect_model_config is not None and state.get("model_config") is not None:
-        diff = config_diff(state["model_config"], expect_model_config)
+        saved = state["model_config"]
+        if normalize_config is not None:
+            try:
+                saved = normalize_config(saved)
+            except ValueError as e:
+                raise CheckpointError(f"{path}: its model config is not valid today: {e}") from None
+        diff = config_diff(saved, expect_model_config)
         if diff:
             raise CheckpointError(f"{path}: written for a different model config: " + "; ".join(diff))
 

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from .confbase import read_config_file
 from .experiments import cli as exp_cli
 
 SECTIONS = ("model", "data", "train")
@@ -28,26 +29,7 @@ SECTIONS = ("model", "data", "train")
 # ---------------------------------------------------------------- config assembly
 
 def load_config_file(path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--config: file not found: '{p}'")
-    text = p.read_text()
-    if p.suffix == ".toml":
-        try:
-            import tomllib
-        except ImportError as e:  # Python 3.10
-            raise ValueError(f"--config: TOML needs Python 3.11+ (tomllib); use JSON for '{p}'") from e
-        try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"--config: '{p}' is not valid TOML: {e}") from e
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--config: '{p}' is not valid JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"--config: '{p}' must hold a table/object at the top level")
-    return d
+    return read_config_file(path)
 
 
 def parse_value(text: str):
@@ -130,6 +112,8 @@ def _train_args(p):
     _config_args(p)
     p.add_argument("--out", help="run directory (train.out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run directory that holds a run (its run files are replaced)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
@@ -142,11 +126,13 @@ def cmd_train(a) -> int:
         tr["out_dir"] = a.out
     if a.resume:
         tr["resume"] = True
+    if a.overwrite:
+        tr["overwrite"] = True
     if a.no_progress:
         tr["progress"] = False
     res = train(RunConfig.from_dict(d))
     print(json.dumps({k: v for k, v in res.items() if k not in ("losses", "params")}, indent=1))
-    return 0
+    return 130 if res.get("interrupted") else 0
 
 
 # ---------------------------------------------------------------- eval / generate

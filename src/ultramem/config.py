@@ -6,133 +6,105 @@ the rule and the value given, so a bad config never reaches a forward pass.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-NORM_KINDS = ("rms", "layer")
-PKM_NORM_KINDS = ("batch", "layer", "rms", "none")
-INIT_KINDS = ("paper", "authors", "calibrated")
-LOOKUP_KINDS = ("fused", "reference")
-SCORE_KINDS = ("tucker", "additive")
-SEARCH_KINDS = ("rank1", "rank1_both_signs", "exact")
+from .confbase import ConfigBase, fail, param
 
-
-def _fail(field: str, rule: str, value) -> None:
-    raise ValueError(f"{field}: {rule} (got {value!r})")
-
-
-def _optional_positive_number(name: str, value) -> None:
-    ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
-    if not ok:  # NaN fails `value > 0` too
-        _fail(name, "must be a number > 0, or None for the default", value)
+NormKind = Literal["rms", "layer"]
+PKMNormKind = Literal["batch", "layer", "rms", "none"]
+InitKind = Literal["paper", "authors", "calibrated"]
+LookupKind = Literal["fused", "reference"]
+ScoreKind = Literal["tucker", "additive"]
+SearchKind = Literal["rank1", "rank1_both_signs", "exact"]
+NORM_KINDS, PKM_NORM_KINDS, INIT_KINDS = get_args(NormKind), get_args(PKMNormKind), get_args(InitKind)
+LOOKUP_KINDS, SCORE_KINDS, SEARCH_KINDS = get_args(LookupKind), get_args(ScoreKind), get_args(SearchKind)
 
 
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        _fail(name, "must be a positive int", value)
-
-
-def _choice(name: str, value, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        _fail(name, f"must be one of {allowed}", value)
-
-
-class _ConfigMixin:
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; allowed: {sorted(names)}")
-        return cls(**d)
-
-    def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
+class _ConfigMixin(ConfigBase):
+    """Deprecated name of `ConfigBase` (kept for code written against 0.1)."""
 
 
 @dataclass(frozen=True)
-class UltraMemConfig(_ConfigMixin):
+class UltraMemConfig(ConfigBase):
     """One UltraMem (v1) memory layer. Defaults follow SPEC section 4.
 
     n = num_keys keys per side per head, N = n^2 physical value rows, E = value_expansion virtual
     copies (n' = sqrt(E)*n keys actually scored per side), h = num_cores Tucker cores = MCS chunks.
     """
 
-    dim: int
-    num_keys: int = 256  # n
-    key_dim: int = 128  # D_k, query/key width per side
-    value_dim: int | None = None  # D_v; default dim // 2
-    heads: int = 2  # H retrieval heads
-    topk: int = 32  # m values kept per head
-    stage1_topk: int | None = None  # m1 row/col candidates; default min(topk, 128)
+    dim: int = param(doc="input width D", ge=1)
+    num_keys: int = param(256, "n keys per side per head; N = n^2 physical value rows", ge=1)
+    key_dim: int = param(128, "D_k, query/key width per side", ge=1)
+    value_dim: int | None = param(None, "D_v, width of one value row (null: `dim // 2`)", ge=1)
+    heads: int = param(2, "H retrieval heads (share one query and one value table)", ge=1)
+    topk: int = param(32, "m values kept per head", ge=1)
+    stage1_topk: int | None = param(None, "m1 rows and columns kept by the rank-1 stage-1 filter "
+                                    "(<= n'; null: `min(topk, 128)`)", ge=1)
     # How the top-m slots are found. "rank1" (SPEC): the m1 best rows/columns under the rank-1
     # proxy, then exact scores on that grid. "rank1_both_signs": m1/2 from each end of each proxy,
     # since a slot whose row and column proxies are both negative has a positive product and is
     # invisible to "rank1" (measured: 56-83% of the exact top-m after training). "exact": brute
     # force over the whole n' x n' grid (the oracle; cost grows with n'^2).
-    topm_search: str = "rank1"
-    tucker_rank: int = 2  # r
-    num_cores: int = 2  # h (MCS chunks)
-    value_expansion: int = 4  # E, a perfect square
-    dim_out: int | None = None  # default dim
-    depth: int = 1  # L, number of transformer blocks; used only by the initialisation
-    norm: str = "rms"  # query/key norm kind
-    score: str = "tucker"  # "tucker" (TDQKR) or "additive" (PKM's row + column; needs r = h = 1)
-    query_conv: bool = False  # causal depthwise conv (kernel 3) on the input before W_q
-    core_loss_coef: float = 0.0  # alpha of the optional core auxiliary loss; 0 disables it
-    core_loss_tau: float = 0.15
+    topm_search: SearchKind = param("rank1", "`rank1` (SPEC: top m1 of each rank-1 proxy), "
+                                    "`rank1_both_signs` (m1/2 from each end of each proxy) or `exact` "
+                                    "(brute force over the n' x n' grid)")
+    tucker_rank: int = param(2, "r, rank components of every key", ge=1)
+    num_cores: int = param(2, "h Tucker cores = MCS chunks of a value row (`value_dim % num_cores == 0`)",
+                           ge=1)
+    value_expansion: int = param(4, "E virtual copies per physical row (a perfect square); n' = sqrt(E) n "
+                                 "keys scored per side", ge=1)
+    dim_out: int | None = param(None, "output width (null: `dim`)", ge=1)
+    depth: int = param(1, "L, number of transformer blocks (only used by the value init "
+                       "N(0, E/(2 m H L)))", ge=1)
+    norm: NormKind = param("rms", "query/key norm: `rms` or `layer` (learnable gain)")
+    score: ScoreKind = param("tucker", "`tucker` (TDQKR) or `additive` (PKM's row + column score; needs "
+                             "r = h = 1; an ablation rung)")
+    query_conv: bool = param(False, "causal depthwise conv (kernel 3) before the query projection, "
+                             "initialised as the identity (carried across KV-cache decode steps)")
+    core_loss_coef: float = param(0.0, "alpha of the auxiliary loss on the summed cores' singular values "
+                                  "(0 = off)", ge=0)
+    core_loss_tau: float = param(0.15, "tau of that loss", ge=0)
     # "paper" (SPEC), "authors" (their code: values N(0, 0.02^2), gains D_k^-0.33) or "calibrated"
     # (the paper's, with the query gain set from the measured kept scores instead of E[Y])
-    init: str = "paper"
+    init: InitKind = param("paper", "`paper` (SPEC section 4), `authors` (values N(0, 0.02^2), norm gains "
+                           "D_k^-0.33) or `calibrated` (the paper's, with the query gain measured so "
+                           "kept scores have RMS 1)")
     # Overrides only the value table's init std (the rest of `init` stays). The paper's formula
     # sqrt(E/(2 m H L)) is large for shallow models reading few slots (0.125 at L=4, m=16, H=2,
     # E=4; 0.025 at the authors' L=20, m=80): at that scale 0.02 values trained better, and large ones
     # stayed in the output as random content (EXPERIMENTS.md, "collapse").
-    value_init_std: float | None = None
-    lookup: str = "fused"  # "fused" (embedding_bag) or "reference" (gather + einsum, the oracle)
-    sparse_values: bool = False  # row-sparse value gradients (use a sparse/lazy optimiser for them)
+    value_init_std: float | None = param(None, "overrides only the value table's init std (null: the "
+                                         "`init`'s own; see EXPERIMENTS.md, \"initialisation\")", gt=0)
+    lookup: LookupKind = param("fused", "`fused` (the fastest pooling `ultramem.ops` has for the device) "
+                               "or `reference` (gather + einsum, the test oracle)")
+    sparse_values: bool = param(False, "row-sparse value gradients (pair with a sparse/lazy optimiser "
+                                "such as `torch.optim.SparseAdam`)")
 
-    def __post_init__(self):
-        for name in ("dim", "num_keys", "key_dim", "heads", "topk", "tucker_rank", "num_cores",
-                     "value_expansion", "depth"):
-            _positive_int(name, getattr(self, name))
-        for name in ("value_dim", "stage1_topk", "dim_out"):
-            if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
-        _choice("norm", self.norm, NORM_KINDS)
-        _choice("init", self.init, INIT_KINDS)
-        _choice("lookup", self.lookup, LOOKUP_KINDS)
-        _choice("score", self.score, SCORE_KINDS)
-        _choice("topm_search", self.topm_search, SEARCH_KINDS)
+    def validate(self):
         if self.topm_search == "rank1_both_signs" and (self.score != "tucker" or self.m1 < 2):
-            _fail("topm_search", "'rank1_both_signs' needs score='tucker' (a bilinear product has "
-                  "two signs; an additive score has one) and stage1_topk >= 2",
-                  f"{self.topm_search} with score={self.score}, stage1_topk={self.m1}")
+            fail("topm_search", "'rank1_both_signs' needs score='tucker' (a bilinear product has "
+                 "two signs; an additive score has one) and stage1_topk >= 2",
+                 f"{self.topm_search} with score={self.score}, stage1_topk={self.m1}")
         if self.score == "additive" and (self.tucker_rank, self.num_cores) != (1, 1):
-            _fail("score", "'additive' (PKM-style row + column) needs tucker_rank=1 and num_cores=1",
-                  f"{self.score} with tucker_rank={self.tucker_rank}, num_cores={self.num_cores}")
+            fail("score", "'additive' (PKM-style row + column) needs tucker_rank=1 and num_cores=1",
+                 f"{self.score} with tucker_rank={self.tucker_rank}, num_cores={self.num_cores}")
         root = math.isqrt(self.value_expansion)
         if root * root != self.value_expansion:
-            _fail("value_expansion", "must be a perfect square (1, 4, 9, 16, ...)", self.value_expansion)
+            fail("value_expansion", "must be a perfect square (1, 4, 9, 16, ...)", self.value_expansion)
         if self.v_dim % self.num_cores:
-            _fail("value_dim", f"must be divisible by num_cores={self.num_cores}", self.v_dim)
+            fail("value_dim", f"must be divisible by num_cores={self.num_cores}", self.v_dim)
         if self.stage1_topk is not None and self.stage1_topk > self.keys_per_side:
-            _fail("stage1_topk", f"must be <= keys scored per side n'=sqrt(E)*n={self.keys_per_side}",
-                  self.stage1_topk)
+            fail("stage1_topk", f"must be <= keys scored per side n'=sqrt(E)*n={self.keys_per_side}",
+                 self.stage1_topk)
         if self.m1 * self.m1 < self.topk:
-            _fail("topk", f"must be <= stage1_topk^2={self.m1 * self.m1} (the stage-2 grid)", self.topk)
+            fail("topk", f"must be <= stage1_topk^2={self.m1 * self.m1} (the stage-2 grid)", self.topk)
         if self.topk > self.keys_per_side ** 2:
-            _fail("topk", f"must be <= the virtual grid n'^2={self.keys_per_side ** 2}", self.topk)
-        if self.core_loss_coef < 0:
-            _fail("core_loss_coef", "must be >= 0", self.core_loss_coef)
-        _optional_positive_number("value_init_std", self.value_init_std)
+            fail("topk", f"must be <= the virtual grid n'^2={self.keys_per_side ** 2}", self.topk)
         if self.tucker_rank < 2 and self.core_loss_coef > 0:
-            _fail("core_loss_coef", "needs tucker_rank >= 2 (the loss penalises singular values 2..r)",
-                  self.core_loss_coef)
+            fail("core_loss_coef", "needs tucker_rank >= 2 (the loss penalises singular values 2..r)",
+                 self.core_loss_coef)
 
     @property
     def v_dim(self) -> int:
@@ -164,43 +136,35 @@ class UltraMemConfig(_ConfigMixin):
 
 
 @dataclass(frozen=True)
-class PKMConfig(_ConfigMixin):
+class PKMConfig(ConfigBase):
     """Product-key memory (Lample et al. 2019), SPEC section 3; the start of the ablation ladder.
 
     key_dim is the full query width per head; each half (key_dim/2) scores one sub-key set.
     `memory_plus` adds Meta's Memory+ gate: pooled value * SiLU(W_g x), then a W_o projection.
     """
 
-    dim: int
-    num_keys: int = 256  # n sub-keys per side per head; N = n^2 values
-    key_dim: int = 256
-    value_dim: int | None = None  # default dim_out (full width, as in PKM)
-    heads: int = 4
-    topk: int = 32  # k, per side and final
-    dim_out: int | None = None
-    depth: int = 1  # unused by PKM's init; kept so model code can treat memories alike
-    query_norm: str = "batch"
-    softmax: bool = True  # False = raw scores ("rm softmax" rung of the ablation)
-    share_query: bool = False  # one query shared by all heads ("share query" rung)
-    key_norm: bool = False  # RMS-normalise sub-keys with a learnable gain ("query/key norm" rung)
-    memory_plus: bool = False
-    value_init_std: float | None = None  # default value_dim ** -0.5 (PKM's choice)
-    lookup: str = "fused"
-    sparse_values: bool = False
+    dim: int = param(doc="input width D", ge=1)
+    num_keys: int = param(256, "n sub-keys per side per head; N = n^2 values", ge=1)
+    key_dim: int = param(256, "full query width per head (even; each half scores one sub-key set)", ge=1)
+    value_dim: int | None = param(None, "width of a value row (null: `dim_out`, full width as in PKM)", ge=1)
+    heads: int = param(4, "heads (one value table shared by all)", ge=1)
+    topk: int = param(32, "k, kept per side and in the end", ge=1)
+    dim_out: int | None = param(None, "output width (null: `dim`)", ge=1)
+    depth: int = param(1, "unused by PKM's init; kept so model code can treat memories alike", ge=1)
+    query_norm: PKMNormKind = param("batch", "`batch` (as in PKM), `layer`, `rms` or `none`")
+    softmax: bool = param(True, "softmax over the kept k (false: raw scores, the 'rm softmax' rung)")
+    share_query: bool = param(False, "one query shared by all heads ('share query' rung)")
+    key_norm: bool = param(False, "RMS-normalise sub-keys with a learnable gain ('query/key norm' rung)")
+    memory_plus: bool = param(False, "Memory+: SiLU(W_g x) gate on the pooled value, then W_o")
+    value_init_std: float | None = param(None, "value init std (null: `value_dim ** -0.5`, PKM's)", gt=0)
+    lookup: LookupKind = param("fused", "`fused` or `reference` (as in UltraMemConfig)")
+    sparse_values: bool = param(False, "row-sparse value gradients")
 
-    def __post_init__(self):
-        for name in ("dim", "num_keys", "key_dim", "heads", "topk", "depth"):
-            _positive_int(name, getattr(self, name))
-        for name in ("value_dim", "dim_out"):
-            if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
-        _choice("query_norm", self.query_norm, PKM_NORM_KINDS)
-        _choice("lookup", self.lookup, LOOKUP_KINDS)
+    def validate(self):
         if self.key_dim % 2:
-            _fail("key_dim", "must be even (split into two halves, one per sub-key set)", self.key_dim)
+            fail("key_dim", "must be even (split into two halves, one per sub-key set)", self.key_dim)
         if self.topk > self.num_keys:
-            _fail("topk", f"must be <= num_keys={self.num_keys} (top-k per side)", self.topk)
-        _optional_positive_number("value_init_std", self.value_init_std)
+            fail("topk", f"must be <= num_keys={self.num_keys} (top-k per side)", self.topk)
 
     @property
     def out_dim(self) -> int:

@@ -15,103 +15,109 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import CausalSelfAttention, KVCache, rotary_tables
+from .confbase import ConfigBase, fail, param
 from .config import PKMConfig, UltraMemConfig
 from .ffn import MoE, SwiGLU
 from .layers import PKMLayer, UltraMemLayer
 from .memory import MemoryLayer
 
-FFN_KINDS = ("dense", "moe", "pkm", "ultramem")
 MEMORY_KINDS = {"pkm": (PKMConfig, PKMLayer), "ultramem": (UltraMemConfig, UltraMemLayer)}
 IGNORE_INDEX = -100  # targets with this value do not count in the loss (PyTorch's default)
 
 
-@dataclass(frozen=True)
-class LMConfig:
-    """Model shape. `memory` holds UltraMemConfig/PKMConfig fields (a dict, or a config object);
-    the model always sets the memory's `dim` to `dim` and `depth` to `n_layers`."""
+FFNKind = Literal["dense", "moe", "pkm", "ultramem"]
+FFN_KINDS = typing.get_args(FFNKind)
 
-    vocab_size: int = 256
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    ffn_hidden: int | None = None  # SwiGLU width; default 8/3 * dim rounded up to a multiple of 8
-    max_seq_len: int = 256
-    ffn: str = "dense"  # one of FFN_KINDS
-    moe_experts: int = 8
-    moe_topk: int = 2
-    moe_hidden: int | None = None  # width of each expert; default ffn_hidden
-    moe_balance_coef: float = 0.01
-    memory_placement: str = ""  # "i:j/i:j" for ffn "pkm" / "ultramem"; empty otherwise
-    memory: dict = field(default_factory=dict)
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    rope_theta: float = 10000.0
+
+@dataclass(frozen=True)
+class LMConfig(ConfigBase):
+    """Model shape. `memory` is the memory layer's config (UltraMemConfig / PKMConfig for ffn
+    "ultramem" / "pkm"; a dict of its fields is converted); the model always sets the memory's
+    `dim` to `dim` and `depth` to `n_layers`."""
+
+    vocab_size: int = param(256, "vocabulary size (a run takes it from its tokenizer)", ge=1)
+    dim: int = param(128, "model width D", ge=1)
+    n_layers: int = param(4, "transformer blocks", ge=1)
+    n_heads: int = param(4, "attention heads (dim / n_heads even, for rotary)", ge=1)
+    ffn_hidden: int | None = param(None, "SwiGLU width (null: 8/3 dim rounded up to a multiple of 8)", ge=1)
+    max_seq_len: int = param(256, "positions (a run raises it to fit train.seq_len and the fact prompts)",
+                             ge=1)
+    ffn: FFNKind = param("dense", "`dense`, `moe`, `pkm` or `ultramem` (memory layers beside the FFNs)")
+    moe_experts: int = param(8, "MoE experts", ge=1)
+    moe_topk: int = param(2, "experts per token", ge=1)
+    moe_hidden: int | None = param(None, "width of each expert (null: `ffn_hidden`)", ge=1)
+    moe_balance_coef: float = param(0.01, "Switch balance-loss coefficient", ge=0)
+    memory_placement: str = param("", "`i:j/i:j`: memory reads block i's normed FFN input, adds after "
+                                  "block j (ffn `pkm`/`ultramem` only)")
+    memory: ConfigBase | None = param(None, "the memory layer's config (a table of UltraMemConfig or "
+                                      "PKMConfig fields; `dim`/`depth` are set by the model)")
+    tie_embeddings: bool = param(True, "output head = token embedding")
+    dropout: float = param(0.0, "dropout probability", ge=0, lt=1)
+    rope_theta: float = param(10000.0, "rotary base", gt=0)
 
     def __post_init__(self):
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "moe_experts", "moe_topk"):
-            _positive_int(name, getattr(self, name))
-        for name in ("ffn_hidden", "moe_hidden"):
-            if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
-        if self.ffn not in FFN_KINDS:
-            raise ValueError(f"ffn: must be one of {FFN_KINDS} (got {self.ffn!r})")
-        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
-            raise ValueError(f"n_heads: dim / n_heads must be an even integer for rotary "
-                             f"(dim={self.dim}, got n_heads={self.n_heads})")
-        if self.moe_topk > self.moe_experts:
-            raise ValueError(f"moe_topk: must be <= moe_experts={self.moe_experts} (got {self.moe_topk})")
-        if self.moe_balance_coef < 0:
-            raise ValueError(f"moe_balance_coef: must be >= 0 (got {self.moe_balance_coef})")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout: must be in [0, 1) (got {self.dropout})")
-        if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta: must be > 0 (got {self.rope_theta})")
         if self.ffn_hidden is None:
-            object.__setattr__(self, "ffn_hidden", 8 * math.ceil(8 * self.dim / 3 / 8))
-        if dataclasses.is_dataclass(self.memory):
-            object.__setattr__(self, "memory", dataclasses.asdict(self.memory))
-        if not isinstance(self.memory, dict):
-            raise ValueError(f"memory: must be a dict of memory-config fields "
-                             f"(got {type(self.memory).__name__})")
+            object.__setattr__(self, "ffn_hidden", 8 * math.ceil(8 * _int_or_zero(self.dim) / 3 / 8) or None)
+        object.__setattr__(self, "memory", self._memory_config())
+        super().__post_init__()
+
+    def _memory_config(self) -> ConfigBase | None:
+        """The memory field as the right config object (a dict or config of the wrong dims is fixed
+        up or refused here, so a bad memory field fails at config time, not at model build)."""
+        if self.ffn not in FFN_KINDS:  # the memory's class depends on ffn: check ffn first
+            fail("ffn", f"must be one of {list(FFN_KINDS)}", self.ffn)
+        mem = self.memory
+        if dataclasses.is_dataclass(mem) and isinstance(mem, ConfigBase):
+            mem = mem.to_dict()
+        if mem is None or (isinstance(mem, dict) and not mem and self.ffn not in MEMORY_KINDS):
+            return None
+        if not isinstance(mem, dict):
+            fail("memory", "must be a table of memory-config fields", mem)
+        if self.ffn not in MEMORY_KINDS:
+            fail("memory", f"only used with ffn in {sorted(MEMORY_KINDS)} (ffn={self.ffn!r})", mem)
+        for key in ("dim", "dim_out"):
+            if mem.get(key) not in (None, self.dim):
+                fail(f"memory.{key}", f"must equal the model dim {self.dim}", mem[key])
+        fields = {**mem, "dim": self.dim, "depth": self.n_layers}
+        try:
+            return MEMORY_KINDS[self.ffn][0].from_dict(fields)
+        except ValueError as e:
+            raise ValueError(f"memory.{e}") from None
+
+    def validate(self):
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            fail("n_heads", f"dim / n_heads must be an even integer for rotary (dim={self.dim})",
+                 self.n_heads)
+        if self.moe_topk > self.moe_experts:
+            fail("moe_topk", f"must be <= moe_experts={self.moe_experts}", self.moe_topk)
         if self.ffn in MEMORY_KINDS:
             if not self.memory_placement:
-                raise ValueError(f"memory_placement: required for ffn={self.ffn!r}, e.g. '0:1/2:3' (got '')")
+                fail("memory_placement", f"required for ffn={self.ffn!r}, e.g. '0:1/2:3'", "")
             parse_placement(self.memory_placement, self.n_layers)
-            self.memory_config()  # validates the memory fields now, not at model build
         elif self.memory_placement:
-            raise ValueError(f"memory_placement: only used with ffn 'pkm' or 'ultramem' "
-                             f"(ffn={self.ffn!r}, got {self.memory_placement!r})")
+            fail("memory_placement", f"only used with ffn in {sorted(MEMORY_KINDS)} (ffn={self.ffn!r})",
+                 self.memory_placement)
 
     @property
     def expert_hidden(self) -> int:
         return self.moe_hidden if self.moe_hidden is not None else self.ffn_hidden
 
-    def memory_config(self) -> UltraMemConfig | PKMConfig:
-        cls = MEMORY_KINDS[self.ffn][0]
-        fields = dict(self.memory)
-        for key in ("dim", "dim_out"):
-            if fields.get(key) not in (None, self.dim):
-                raise ValueError(f"memory.{key}: must equal the model dim {self.dim} (got {fields[key]})")
-        fields.update(dim=self.dim, depth=self.n_layers)
-        return cls.from_dict(fields)
+    def memory_config(self) -> ConfigBase | None:
+        """The memory layer's config (None without memory layers)."""
+        return self.memory
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> LMConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"LMConfig: unknown field(s) {unknown}; allowed: {sorted(names)}")
-        return cls(**d)
+def _int_or_zero(v) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
 def parse_placement(spec: str, n_layers: int) -> list[tuple[int, int]]:
@@ -164,8 +170,8 @@ class LanguageModel(nn.Module):
         self.spans = parse_placement(cfg.memory_placement, cfg.n_layers) if cfg.ffn in MEMORY_KINDS else []
         self.memory = nn.ModuleList()
         if self.spans:
-            mcfg, layer_cls = cfg.memory_config(), MEMORY_KINDS[cfg.ffn][1]
-            self.memory.extend(layer_cls(mcfg) for _ in self.spans)
+            layer_cls = MEMORY_KINDS[cfg.ffn][1]
+            self.memory.extend(layer_cls(cfg.memory) for _ in self.spans)
         self._reads = {i: n for n, (i, _) in enumerate(self.spans)}
         self._writes = {j: n for n, (_, j) in enumerate(self.spans)}
         cos, sin = rotary_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
@@ -339,8 +345,3 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: int | None,
         kth = logits_BV.topk(top_k, dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
     return torch.multinomial(F.softmax(logits_BV, dim=-1), 1, generator=generator).squeeze(-1)
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: must be a positive int (got {value!r})")

@@ -165,7 +165,7 @@ def _train_and_summarise(root, suite, cfg_path, spec, run_dir, result_path) -> d
     from ..train import RunConfig, train
 
     versions = _note_code_version(run_dir)
-    train_cfg = {**spec["train"], "out_dir": str(run_dir), "resume": True,
+    train_cfg = {**spec["train"], "out_dir": str(run_dir), "resume": "auto",
                  "cache_dir": str(root / "cache")}
     cfg = RunConfig.from_dict({"model": spec["model"], "data": spec["data"], "train": train_cfg})
     t0 = time.time()
