@@ -12,11 +12,11 @@ FIXTURES = Path(__file__).parent / "fixtures" / "text"
 @pytest.mark.parametrize(
     "kwargs, pattern",
     [
-        (dict(source="csv"), r"source: must be one of \['facts', 'text', 'hf'\]; got 'csv'"),
+        (dict(source="csv"), r"data.source: must be one of \['facts', 'text', 'hf'\] \(got 'csv'\)"),
         (dict(vocab_size=100), r"vocab_size: must be >= 258 .*got 100"),
-        (dict(val_fraction=1.5), r"val_fraction: must be in \(0, 1\); got 1.5"),
-        (dict(max_docs=0), r"max_docs: must be >= 1 or None; got 0"),
-        (dict(tokenizer_train_chars=0), r"tokenizer_train_chars: must be >= 1; got 0"),
+        (dict(val_fraction=1.5), r"data.val_fraction: must be a number > 0 and < 1 \(got 1.5\)"),
+        (dict(max_docs=0), r"data.max_docs: must be a positive int, or null for the default \(got 0\)"),
+        (dict(tokenizer_train_chars=0), r"data.tokenizer_train_chars: must be a positive int \(got 0\)"),
         (dict(source="text"), r"train_path: required for source 'text'.*got None"),
         (dict(source="hf"), r"hf_name: required for source 'hf'; got None"),
         (dict(source="hf", hf_name="x", hf_streaming=True), r"max_docs: required when hf_streaming"),
@@ -25,9 +25,9 @@ FIXTURES = Path(__file__).parent / "fixtures" / "text"
         (dict(fact_attributes=[]), r"fact_attributes: must name some of"),
         (dict(fact_train_templates=0), r"fact_train_templates: must be >= 1; got 0"),
         (dict(fact_heldout_templates=-1), r"fact_heldout_templates: must be >= 0; got -1"),
-        (dict(vocab_size="1024"), r"vocab_size: must be an integer; got '1024'"),
-        (dict(num_people=2.5), r"num_people: must be an integer; got 2.5"),
-        (dict(hf_streaming="yes"), r"hf_streaming: must be true or false; got 'yes'"),
+        (dict(vocab_size="1024"), r"data.vocab_size: must be an int \(got '1024'\)"),
+        (dict(num_people=2.5), r"data.num_people: must be an int \(got 2.5\)"),
+        (dict(hf_streaming="yes"), r"data.hf_streaming: must be true/false/1/0 \(got 'yes'\)"),
     ],
 )
 def test_static_rules(kwargs, pattern):

@@ -221,3 +221,22 @@ def _plain(x):
     if dataclasses.is_dataclass(x):
         return dataclasses.asdict(x)
     return list(x) if isinstance(x, tuple) else x
+
+
+TABLE_OPEN, TABLE_CLOSE = "<!-- config-table: {name} -->", "<!-- /config-table -->"
+
+
+def render_field_tables(text: str, classes: dict[str, type]) -> str:
+    """`text` with the block between each `<!-- config-table: Name -->` marker and the next
+    `<!-- /config-table -->` replaced by `field_table(classes[Name])` (the README's tables)."""
+    for name, cls in classes.items():
+        start_marker = TABLE_OPEN.format(name=name)
+        start = text.find(start_marker)
+        if start < 0:
+            raise ValueError(f"render_field_tables: no '{start_marker}' marker in the text")
+        body_start = start + len(start_marker)
+        end = text.find(TABLE_CLOSE, body_start)
+        if end < 0:
+            raise ValueError(f"render_field_tables: '{start_marker}' has no closing '{TABLE_CLOSE}'")
+        text = text[:body_start] + "\n" + field_table(cls) + "\n" + text[end:]
+    return text

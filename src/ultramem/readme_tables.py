@@ -1,0 +1,9 @@
+"""The config classes whose field tables the README carries (see `confbase.render_field_tables`)."""
+
+from .config import PKMConfig, UltraMemConfig
+from .data import DataConfig
+from .model import LMConfig
+from .train import TrainConfig
+
+CONFIG_CLASSES = {"UltraMemConfig": UltraMemConfig, "PKMConfig": PKMConfig, "LMConfig": LMConfig,
+                  "TrainConfig": TrainConfig, "DataConfig": DataConfig}
