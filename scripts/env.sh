@@ -10,10 +10,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 STAMP="$VENV/.ultramem-installed"
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
-  echo "[setup] installing torch==2.13.0 (CPU) and ultramem[dev,hf]" >&2
+  echo "[setup] installing torch==2.13.0 (CPU) and ultramem[dev,all]" >&2
   # Pin torch first: an unpinned or ranged torch pulls a multi-GB CUDA build here.
   "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[dev,hf]"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[dev,all]"
   touch "$STAMP"
 fi
 # shellcheck disable=SC1091

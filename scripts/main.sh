@@ -1,7 +1,4 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the project's main job.
+# Set up (if needed) and run the project's main job (`ultramem compare`); its errors are its own.
 source "$(dirname "$0")/env.sh"
-if python -c "import ultramem.cli" 2>/dev/null && ultramem compare --help >/dev/null 2>&1; then
-  exec ultramem compare "$@"
-fi
-exec python -m ultramem.bench.layer_bench "$@"
+exec ultramem compare "$@"

@@ -26,7 +26,8 @@ def test_every_field_has_a_doc_line():
 def test_render_replaces_only_between_markers_and_refuses_missing_ones():
     text = "a\n<!-- config-table: U -->\nold\n<!-- /config-table -->\nb\n"
     out = render_field_tables(text, {"U": UltraMemConfig})
-    assert out.startswith("a\n<!-- config-table: U -->\n| field |") and out.endswith("<!-- /config-table -->\nb\n")
+    assert out.startswith("a\n<!-- config-table: U -->\n| field |")
+    assert out.endswith("<!-- /config-table -->\nb\n")
     assert "| `topk` | `32` |" in out
     with pytest.raises(ValueError, match="no '<!-- config-table: X -->' marker"):
         render_field_tables(text, {"X": UltraMemConfig})

@@ -43,6 +43,7 @@ from ..model import LanguageModel, LMConfig
 from . import common
 from .accounting import Recorder, kv_cache_bytes, layer_param_counts, match_memory, moe_slot_counts
 from .decode_report import evaluate_targets, format_markdown, write_outputs
+from .peers import peer_pkm, peer_ultra_mem, peer_version
 
 DISTINCT_INPUTS = 61  # fresh inputs per group; repeats beyond cycle through them
 
@@ -160,13 +161,12 @@ def _layer_cands(sh: Shapes, ratio: int, dev, dtype, kinds=("dense", "moe", "ult
 
 
 def _peer_cands(sh, ours, dev, dtype, experts, notes) -> list[Cand]:
-    from .layer_bench import _peer_pkm, _peer_ultra_mem, _peer_version
 
     by_name = {c.name: c for c in ours}
     out = []
-    for module, name, build, mem in (("ultra_mem", "ultra_mem_peer", _peer_ultra_mem, "ultramem_mem"),
-                                     ("product_key_memory", "pkm_peer", _peer_pkm, "pkm_mem")):
-        ok, notes[module] = _peer_version(module)
+    for module, name, build, mem in (("ultra_mem", "ultra_mem_peer", peer_ultra_mem, "ultramem_mem"),
+                                     ("product_key_memory", "pkm_peer", peer_pkm, "pkm_mem")):
+        ok, notes[module] = peer_version(module)
         if not ok or mem not in by_name:
             continue
         fields = dict(by_name[mem].config["memory"])
@@ -380,55 +380,10 @@ def _run(sh, dev, dt, parts, peers, profile, log) -> dict:
     log(f"device {dev} {dt}, {torch.get_num_threads()} threads; copy bandwidth {bw['copy_GBps']:.1f} GB/s")
     configs, generation = {}, []
     base = sh.experts / sh.moe_topk
-    widths = {k: matched(k, sh, 1.0, experts_at(sh, base))[1] for k in ("ultramem", "pkm")}
     if "layer" in parts:
-        cands = _layer_cands(sh, base, dev, dt, mem_alone=True)
-        if peers:
-            cands += _peer_cands(sh, cands, dev, dt, experts_at(sh, base), notes)
-        configs["layer"] = _describe(cands)
-        for B in sh.batches:
-            bench.layer_group(cands, B, "batch", profile=profile and B in (8, 64, 256))
-            log(_progress(bench, "layer", "batch", B, t0))
-        del cands
-        anchor = _layer_cands(sh, min(sh.ratios), dev, dt, ("ultramem",), widths=widths, suffix="_anchor")
-        for r in sh.ratios:
-            group = _layer_cands(sh, r, dev, dt, ("dense", "moe", "ultramem"), widths=widths) + anchor
-            configs.setdefault("layer_sweep", {}).update(_describe(group, f"@x{r:g}"))
-            bench.layer_group(group, sh.sweep_batch, "ratio", ratio=r)
-            log(_progress(bench, "layer", "ratio", sh.sweep_batch, t0, r))
-            del group
-        del anchor
+        _layer_part(sh, base, dev, dt, bench, configs, notes, peers, profile, log, t0)
     if "model" in parts or "generate" in parts:
-        elsize = torch.empty((), dtype=dt).element_size()
-        kinds = ("dense", "moe", "ultramem", "pkm")
-        models = [_model_cand(k, k, _lm_config(k, sh, base), dev, dt, base) for k in kinds]
-        configs["model"] = _describe(models)
-        if "model" in parts:
-            for B in sh.batches:
-                kv_gb = kv_cache_bytes(sh.n_layers, B, sh.ctx + 1, sh.dim, elsize) / 1e9
-                if kv_gb > sh.max_kv_gb:
-                    notes[f"model B={B}"] = f"skipped: KV cache {kv_gb:.1f} GB > max_kv_gb {sh.max_kv_gb}"
-                    continue
-                bench.model_group(models, B, "batch")
-                log(_progress(bench, "model", "batch", B, t0))
-        if "generate" in parts:
-            generation += common.generation_speed({c.name: c.module for c in models}, sh.gen_batches,
-                                                  sh.gen_prompt, sh.gen_new, bench.clock, bench.gen, "bench",
-                                                  reps=2)
-        del models
-        if "model" in parts:
-            mw = {k: _lm_config(k, sh, base).ffn_hidden for k in ("ultramem",)}
-            lo = min(sh.ratios)
-            anchor = _model_cand("ultramem_anchor", "ultramem", _lm_config("ultramem", sh, lo, mw),
-                                 dev, dt, lo)
-            for r in sh.ratios:
-                group = [_model_cand(k, k, _lm_config(k, sh, r, mw), dev, dt, r)
-                         for k in ("dense", "moe", "ultramem")]
-                configs.setdefault("model_sweep", {}).update(_describe(group, f"@x{r:g}"))
-                bench.model_group(group + [anchor], sh.sweep_batch, "ratio", ratio=r)
-                log(_progress(bench, "model", "ratio", sh.sweep_batch, t0, r))
-                del group
-            del anchor
+        generation += _model_part(sh, base, dev, dt, bench, configs, notes, parts, log, t0)
     if "generate" in parts and sh.gen_presets:
         generation += _tiny_generation(sh, dev, dt, bench)
     rep = {"bench": "decode", "device": _device_name(dev), "dtype": str(dt).replace("torch.", ""),
@@ -439,6 +394,60 @@ def _run(sh, dev, dt, parts, peers, profile, log) -> dict:
            "profiles": bench.profiles, "seconds": time.perf_counter() - t0, "source": _source_digest()}
     rep["targets"] = evaluate_targets(rep)
     return rep
+
+
+def _layer_part(sh, base, dev, dt, bench, configs, notes, peers, profile, log, t0) -> None:
+    """Layer-level groups: every batch size at the base ratio, then the ratio sweep."""
+    widths = {k: matched(k, sh, 1.0, experts_at(sh, base))[1] for k in ("ultramem", "pkm")}
+    cands = _layer_cands(sh, base, dev, dt, mem_alone=True)
+    if peers:
+        cands += _peer_cands(sh, cands, dev, dt, experts_at(sh, base), notes)
+    configs["layer"] = _describe(cands)
+    for B in sh.batches:
+        bench.layer_group(cands, B, "batch", profile=profile and B in (8, 64, 256))
+        log(_progress(bench, "layer", "batch", B, t0))
+    del cands
+    anchor = _layer_cands(sh, min(sh.ratios), dev, dt, ("ultramem",), widths=widths, suffix="_anchor")
+    for r in sh.ratios:
+        group = _layer_cands(sh, r, dev, dt, ("dense", "moe", "ultramem"), widths=widths) + anchor
+        configs.setdefault("layer_sweep", {}).update(_describe(group, f"@x{r:g}"))
+        bench.layer_group(group, sh.sweep_batch, "ratio", ratio=r)
+        log(_progress(bench, "layer", "ratio", sh.sweep_batch, t0, r))
+        del group
+
+
+def _model_part(sh, base, dev, dt, bench, configs, notes, parts, log, t0) -> list:
+    """Model-level groups (batch sizes, ratio sweep) and generation speed; returns the latter."""
+    generation = []
+    elsize = torch.empty((), dtype=dt).element_size()
+    kinds = ("dense", "moe", "ultramem", "pkm")
+    models = [_model_cand(k, k, _lm_config(k, sh, base), dev, dt, base) for k in kinds]
+    configs["model"] = _describe(models)
+    if "model" in parts:
+        for B in sh.batches:
+            kv_gb = kv_cache_bytes(sh.n_layers, B, sh.ctx + 1, sh.dim, elsize) / 1e9
+            if kv_gb > sh.max_kv_gb:
+                notes[f"model B={B}"] = f"skipped: KV cache {kv_gb:.1f} GB > max_kv_gb {sh.max_kv_gb}"
+                continue
+            bench.model_group(models, B, "batch")
+            log(_progress(bench, "model", "batch", B, t0))
+    if "generate" in parts:
+        generation += common.generation_speed({c.name: c.module for c in models}, sh.gen_batches,
+                                              sh.gen_prompt, sh.gen_new, bench.clock, bench.gen, "bench",
+                                              reps=2)
+    del models
+    if "model" in parts:
+        mw = {k: _lm_config(k, sh, base).ffn_hidden for k in ("ultramem",)}
+        lo = min(sh.ratios)
+        anchor = _model_cand("ultramem_anchor", "ultramem", _lm_config("ultramem", sh, lo, mw), dev, dt, lo)
+        for r in sh.ratios:
+            group = [_model_cand(k, k, _lm_config(k, sh, r, mw), dev, dt, r)
+                     for k in ("dense", "moe", "ultramem")]
+            configs.setdefault("model_sweep", {}).update(_describe(group, f"@x{r:g}"))
+            bench.model_group(group + [anchor], sh.sweep_batch, "ratio", ratio=r)
+            log(_progress(bench, "model", "ratio", sh.sweep_batch, t0, r))
+            del group
+    return generation
 
 
 def _describe(cands: list[Cand], suffix: str = "") -> dict:

@@ -36,54 +36,22 @@ is missing its rows are skipped with a note. The last line printed is one JSON o
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.metadata
 import json
 import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from ultramem import PKMConfig, PKMLayer, UltraMemConfig, UltraMemLayer, used_rows
-from ultramem.bench.common import pkm_peer_rows_read, quantile
+from ultramem.bench.common import cpu_copy_bandwidth as copy_bandwidth  # noqa: F401 (0.1 name)
+from ultramem.bench.common import quantile
+from ultramem.bench.peers import PEER_VERSIONS, Candidate, peer_pkm, peer_ultra_mem, peer_version  # noqa: F401
 from ultramem.ffn import SwiGLU
 
 TARGET_SPEEDUP_VS_ULTRA_MEM = 3.0
 TARGET_RATIO_VS_FFN = 2.0
-PEER_VERSIONS = {"ultra_mem": ("ultra-mem", "0.1.2"), "product_key_memory": ("product-key-memory", "0.3.0")}
-
-
-@dataclass
-class Candidate:
-    name: str
-    module: nn.Module
-    call: Callable[[torch.Tensor], torch.Tensor]  # input (B, T, D) -> output tensor (B, T, D)
-    config: dict
-    value_params: list[nn.Parameter]  # the tables read row-sparsely; [] for the dense FFN
-    rows_per_token: int  # value rows read per token (0 for the dense FFN)
-    row_bytes: int
-    distinct_rows: Callable[[torch.Tensor], int] | None  # rows read for an input (under no_grad)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def sparse_params(self) -> int:
-        return sum(p.numel() for p in self.value_params)
-
-    @property
-    def fixed_bytes(self) -> int:
-        ids = {id(p) for p in self.value_params}
-        return sum(p.numel() * p.element_size() for p in self.module.parameters() if id(p) not in ids)
-
-    def bytes_read(self, x: torch.Tensor) -> int:
-        if self.distinct_rows is None:
-            return self.fixed_bytes
-        with torch.no_grad():
-            self.module.eval()
-            return self.distinct_rows(x) * self.row_bytes + self.fixed_bytes
 
 
 # ---------------------------------------------------------------------------------------- shapes
@@ -133,96 +101,25 @@ def _ours_pkm(dim: int, pkm: dict) -> Candidate:
                      cfg.heads * cfg.topk, cfg.v_dim * 4, rows)
 
 
-def _peer_version(module: str) -> tuple[bool, str]:
-    dist, wanted = PEER_VERSIONS[module]
-    try:
-        importlib.import_module(module)
-    except Exception as e:  # not installed, or its own dependencies missing (einops, einx, ...)
-        return False, f"skipped: {dist} not importable ({type(e).__name__}: {e}); " \
-                      f"pip install {dist}=={wanted} to compare"
-    try:
-        got = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        got = "unknown"
-    note = f"{dist} {got}" + ("" if got == wanted else f" (benchmark written against {wanted})")
-    return True, note
-
-
-def _peer_ultra_mem(dim: int, um: dict) -> Candidate:
-    from ultra_mem import UltraMem
-
-    # ultra-mem keeps num_memories / E rows per head (heads = cores, each with its own table) and
-    # needs num_memories = k^2 with E | num_memories. k = 724 gives 2 x 131,044 rows of D_v.
-    # Its query conv and input RMSNorm are off: our layer has neither (SPEC: no input norm).
-    target = um["num_keys"] ** 2 * um["value_dim"]
-    per_head = target / (um["heads"] * um["value_dim"])  # rows per head table
-    k = round((per_head * um["value_expansion"]) ** 0.5)
-    k += k % 2  # k^2 divisible by E = 4
-    cfg = dict(dim=dim, dim_values=um["value_dim"], num_memories=k * k, topk=um["topk"],
-               dim_queries_keys=um["key_dim"], core_rank=2, core_heads=um["heads"],
-               value_expansion=um["value_expansion"], pre_query_causal_conv=False, prenorm=False)
-    peer = UltraMem(**cfg)
-
-    def rows(x: torch.Tensor) -> int:
-        idx = peer(x)[1]  # (heads, B, T, topk) row ids into each head's own table
-        heads = torch.arange(idx.shape[0]).view(-1, *([1] * (idx.ndim - 1)))
-        return int((heads * peer.num_virtual_mems + idx).unique().numel())
-
-    return Candidate("ultra_mem_peer", peer, lambda x: peer(x)[0], cfg, [peer.memories],
-                     um["heads"] * um["topk"], um["value_dim"] * 4, rows)
-
-
-def _peer_pkm(dim: int, pkm: dict) -> Candidate:
-    from product_key_memory import PKM
-
-    cfg = dict(dim=dim, heads=pkm["heads"], num_keys=pkm["num_keys"], topk=pkm["topk"],
-               dim_head=pkm["key_dim"] // 2)
-    peer = PKM(**cfg)
-
-    def rows(x: torch.Tensor) -> int:
-        return pkm_peer_rows_read(peer, x)
-
-    return Candidate("pkm_peer", peer, peer, cfg, [peer.values.weight], pkm["heads"] * pkm["topk"],
-                     dim * 4, rows)
-
-
 def build_candidates(sh: dict, notes: dict) -> list[Candidate]:
     torch.manual_seed(0)
     dim = sh["dim"]
     cands = [_ours_ultramem(dim, sh["um"], "fused"), _ours_ultramem(dim, sh["um"], "reference"),
              _ours_ultramem(dim, sh["um"], "fused", sparse=True)]
-    for module, builder, arg in (("ultra_mem", _peer_ultra_mem, sh["um"]),):
-        ok, notes[module] = _peer_version(module)
+    for module, builder, arg in (("ultra_mem", peer_ultra_mem, sh["um"]),):
+        ok, notes[module] = peer_version(module)
         if ok:
             cands.append(builder(dim, arg))
     cands.append(_ours_pkm(dim, sh["pkm"]))
-    ok, notes["product_key_memory"] = _peer_version("product_key_memory")
+    ok, notes["product_key_memory"] = peer_version("product_key_memory")
     if ok:
-        cands.append(_peer_pkm(dim, sh["pkm"]))
+        cands.append(peer_pkm(dim, sh["pkm"]))
     ffn = SwiGLU(dim, sh["ffn_hidden"])
     cands.append(Candidate("swiglu_ffn", ffn, ffn, dict(dim=dim, hidden=sh["ffn_hidden"]), [], 0, 0, None))
     return cands
 
 
 # ---------------------------------------------------------------------------------------- timing
-
-
-def copy_bandwidth(megabytes: int) -> dict:
-    """(read + written) bytes per second of a large copy into a preallocated buffer, and the read
-    rate of a sum over it (page faults of a fresh allocation are kept out of both)."""
-    src = torch.randn(megabytes * 2 ** 20 // 4)
-    dst = torch.empty_like(src)
-    nbytes = src.numel() * 4
-    best_copy = best_sum = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        t1 = time.perf_counter()
-        src.sum()
-        t2 = time.perf_counter()
-        best_copy, best_sum = min(best_copy, t1 - t0), min(best_sum, t2 - t1)
-    return {"copy_GBps": 2 * nbytes / best_copy / 1e9, "read_GBps": nbytes / best_sum / 1e9,
-            "buffer_MB": megabytes}
 
 
 def _step_fn(c: Candidate, mode: str, out_dim: int) -> Callable[[torch.Tensor], None]:

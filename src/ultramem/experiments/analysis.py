@@ -18,6 +18,16 @@ _MEM_KEY = re.compile(r"^mem(\d+)_(recall|rows_used|rows_read_train|top10pct_rea
 _SCALING_GROUP = re.compile(r"^sp(\d+)-x(\d+)$")  # sp<sparsity>-x<sparse/dense ratio>
 
 
+def separated(a: list[float], b: list[float]) -> str:
+    """Whether two groups' seed ranges are disjoint: the plain test of "beyond seed noise" this
+    report uses (with 2 seeds a group's range is all we know of its noise)."""
+    if len(a) < 2 or len(b) < 2:
+        return "n/a (1 seed)"
+    if max(a) < min(b) or max(b) < min(a):
+        return "yes (ranges disjoint)"
+    return "no (ranges overlap)"
+
+
 def eval_records(root: Path, suite: str, run: dict) -> list[dict]:
     """The eval records of one finished run, each with a `tokens` field added."""
     # A run may belong to another suite (the sweeps and retrieval reports borrow main's runs).
@@ -62,8 +72,6 @@ def finish_figure(fig, axes, out: Path, xlabel: str, titles: list[str], ylim=Non
 
 def sweeps_table(groups: dict[str, list[dict]], base: list[dict], paper: dict[str, float]) -> str:
     """One row per sweep point: its change, FLOPs beside the base's, val loss and delta vs base."""
-    from .report import separated
-
     head = ["run", "seeds", "MFLOP/token", "FLOPs vs base", "val loss", "Δ vs base", "beyond seed noise?",
             "paper Δ vs base (151M, C4)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -154,8 +162,6 @@ def scaling_table(groups: dict[str, list[dict]]) -> str:
 def sparsity_table(groups: dict[str, list[dict]]) -> str:
     """Each sparsity against the sparsest one at every ratio: per-seed losses, mean, the Δ over the
     seeds both have and whether it is beyond seed noise (the disjoint-range test of every table)."""
-    from .report import separated
-
     by: dict[int, dict[int, list[dict]]] = {}  # {ratio: {sparsity: runs}}
     for name, rs in groups.items():
         m = _SCALING_GROUP.match(name)

@@ -11,6 +11,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from .analysis import separated  # noqa: F401  (used below; re-exported)
 from .runner import status
 
 # SPEC section 7: the paper's ablation (C4 val loss, 151M activated), change from the previous rung.
@@ -60,16 +61,6 @@ def _fmt(values: list[float], digits: int = 3) -> str:
         return "-"
     mean, spread = _stat(values)
     return f"{mean:.{digits}f}" + ("" if len(values) < 2 else f" ± {spread / 2:.{digits}f}")
-
-
-def separated(a: list[float], b: list[float]) -> str:
-    """Whether two groups' seed ranges are disjoint: the plain test of "beyond seed noise" this
-    report uses (with 2 seeds a group's range is all we know of its noise)."""
-    if len(a) < 2 or len(b) < 2:
-        return "n/a (1 seed)"
-    if max(a) < min(b) or max(b) < min(a):
-        return "yes (ranges disjoint)"
-    return "no (ranges overlap)"
 
 
 def group_table(groups: dict[str, list[dict]], order: list[str] | None = None,
