@@ -1,4 +1,16 @@
-"""ultramem: ultra-sparse memory layers (UltraMem, ICLR 2025) with PKM, dense and MoE baselines."""
+"""ultramem: ultra-sparse memory layers (UltraMem, ICLR 2025) with PKM, dense and MoE baselines.
+
+Shape suffixes on tensor names (`x_BTD`) use one letter for one thing across the package:
+    B batch            T time / tokens (B*T when flattened)      D model width
+    V vocabulary       H heads (attention, retrieval)            Dh head width
+    L key positions in attention (cached + new)                  F FFN hidden width
+    E experts (MoE)    A routed (token, expert) assignments      K kept entries per token
+    M kept per retrieval head          R Tucker rank             C value chunks (MCS cores)
+    G IVE blocks (the paper's value expansion E)                 N value-table rows
+    P keys scored per side (n')        Q stage-1 candidates (m1) S the two key sides
+    J scored key columns               X any leading dims        Dk key width, Dv value width
+A module may add local letters in its own legend; it does not reuse one of these for another thing.
+"""
 
 from .config import PKMConfig, UltraMemConfig
 from .diagnostics import retrieval_recall, used_rows

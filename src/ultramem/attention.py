@@ -1,7 +1,7 @@
 """Causal self-attention with rotary positions and a KV cache for generation.
 
-Shape legend: B batch, T new positions, S cached + new positions, D model width, H heads,
-Dh head width (D / H).
+Shape legend (the package's, see `ultramem/__init__.py`): B batch, T new positions, L key
+positions (cached + new), D model width, H heads, Dh head width (D / H).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class CausalSelfAttention(nn.Module):
         else:
             # Several new tokens after a prefix: SDPA's is_causal is top-left aligned, so build the
             # bottom-right aligned mask (new token i sees positions <= past + i).
-            S = past + T
-            mask_TS = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TS, dropout_p=p)
+            L = past + T
+            mask_TL = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TL, dropout_p=p)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))

@@ -1,7 +1,8 @@
 """Feed-forward blocks: a dense SwiGLU FFN and a dropless top-k Mixture-of-Experts of SwiGLU experts.
 
-Shape legend: B batch, T time, D model width, H hidden width (per expert), E experts,
-N tokens (B*T flattened), K experts kept per token (top-k), S = N*K routed (token, slot) pairs.
+Shape legend (the package's, see `ultramem/__init__.py`): B batch, T time (tokens when B*T is
+flattened), D model width, F hidden width (per expert), E experts, K experts kept per token (top-k),
+A = T*K routed (token, slot) assignments.
 """
 
 from __future__ import annotations
@@ -105,101 +106,101 @@ class MoE(nn.Module):
             return self.w_in.new_zeros(())
         return self._aux
 
-    def route(self, x_ND: torch.Tensor):
-        """Returns (probs_NE fp32, weights_NK fp32, expert ids_NK long)."""
-        probs_NE = F.softmax(self.router(x_ND).float(), dim=-1)
-        w_NK, ids_NK = probs_NE.topk(self.topk, dim=-1)
+    def route(self, x_TD: torch.Tensor):
+        """Returns (probs_TE fp32, weights_TK fp32, expert ids_TK long)."""
+        probs_TE = F.softmax(self.router(x_TD).float(), dim=-1)
+        w_TK, ids_TK = probs_TE.topk(self.topk, dim=-1)
         if self.renormalize:
-            w_NK = w_NK / w_NK.sum(-1, keepdim=True)
-        return probs_NE, w_NK, ids_NK
+            w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+        return probs_TE, w_TK, ids_TK
 
     def forward(self, x_BTD: torch.Tensor, path: str = "auto") -> torch.Tensor:
         """path: "auto" (gather for decode-size batches, see class doc), "grouped" or "gather"."""
         if path not in ("auto", "grouped", "gather"):
             raise ValueError(f"MoE path must be 'auto', 'grouped' or 'gather', got {path!r}")
         shape = x_BTD.shape
-        x_ND = x_BTD.reshape(-1, self.dim)
-        probs_NE, w_NK, ids_NK = self.route(x_ND)
-        self._aux = self._balance_loss(probs_NE, ids_NK)
+        x_TD = x_BTD.reshape(-1, self.dim)
+        probs_TE, w_TK, ids_TK = self.route(x_TD)
+        self._aux = self._balance_loss(probs_TE, ids_TK)
         if self.record_routing:
-            self.last_expert_ids = ids_NK.detach()
-        if path == "gather" or (path == "auto" and self._gather_is_cheaper(ids_NK.numel())):
-            y_NKD = self._gather_experts(x_ND, ids_NK)
+            self.last_expert_ids = ids_TK.detach()
+        if path == "gather" or (path == "auto" and self._gather_is_cheaper(ids_TK.numel())):
+            y_TKD = self._gather_experts(x_TD, ids_TK)
         else:
-            y_NKD = self._grouped_experts(x_ND, ids_NK)
+            y_TKD = self._grouped_experts(x_TD, ids_TK)
         # Mix the K expert outputs per token; one batched matmul, no scatter-add (deterministic).
-        y_ND = torch.bmm(w_NK.to(y_NKD.dtype).unsqueeze(1), y_NKD).squeeze(1)
-        return y_ND.reshape(shape)
+        y_TD = torch.bmm(w_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+        return y_TD.reshape(shape)
 
     def _gather_is_cheaper(self, pairs: int) -> bool:
         expert_bytes = (self.w_in[0].numel() + self.w_out[0].numel()) * self.w_in.element_size()
         return pairs * expert_bytes <= self.decode_max_bytes
 
-    def _balance_loss(self, probs_NE: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
-        if probs_NE.shape[0] == 0:
-            return probs_NE.new_zeros(())
-        counts_E = torch.bincount(ids_NK.flatten(), minlength=self.num_experts)
-        f_E = counts_E.float() / ids_NK.numel()
-        p_E = probs_NE.mean(0)
+    def _balance_loss(self, probs_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+        if probs_TE.shape[0] == 0:
+            return probs_TE.new_zeros(())
+        counts_E = torch.bincount(ids_TK.flatten(), minlength=self.num_experts)
+        f_E = counts_E.float() / ids_TK.numel()
+        p_E = probs_TE.mean(0)
         return self.balance_coef * self.num_experts * (f_E * p_E).sum()
 
-    def _gather_experts(self, x_ND: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
-        n, k = ids_NK.shape
-        ids_S = ids_NK.flatten()
-        x_S1D = x_ND.repeat_interleave(k, dim=0).unsqueeze(1)
-        gate, up = torch.bmm(x_S1D, self.w_in.index_select(0, ids_S)).chunk(2, dim=-1)
-        y_S1D = torch.bmm(F.silu(gate) * up, self.w_out.index_select(0, ids_S))
-        return y_S1D.reshape(n, k, self.dim)
+    def _gather_experts(self, x_TD: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+        n, k = ids_TK.shape
+        ids_A = ids_TK.flatten()
+        x_A1D = x_TD.repeat_interleave(k, dim=0).unsqueeze(1)
+        gate, up = torch.bmm(x_A1D, self.w_in.index_select(0, ids_A)).chunk(2, dim=-1)
+        y_A1D = torch.bmm(F.silu(gate) * up, self.w_out.index_select(0, ids_A))
+        return y_A1D.reshape(n, k, self.dim)
 
-    def _grouped_experts(self, x_ND: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
-        n, k = ids_NK.shape
-        ids_S = ids_NK.flatten()
-        order_S = torch.argsort(ids_S, stable=True)
-        counts_E = torch.bincount(ids_S, minlength=self.num_experts)
-        x_SD = x_ND[order_S // k]  # pair s of token t sits at flat index t*k + slot
-        gate, up = grouped_matmul(x_SD, self.w_in, counts_E).chunk(2, dim=-1)
-        y_SD = grouped_matmul(F.silu(gate) * up, self.w_out, counts_E)
-        inverse_S = torch.empty_like(order_S)
-        inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-        return y_SD[inverse_S].reshape(n, k, self.dim)
+    def _grouped_experts(self, x_TD: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+        n, k = ids_TK.shape
+        ids_A = ids_TK.flatten()
+        order_A = torch.argsort(ids_A, stable=True)
+        counts_E = torch.bincount(ids_A, minlength=self.num_experts)
+        x_AD = x_TD[order_A // k]  # pair s of token t sits at flat index t*k + slot
+        gate, up = grouped_matmul(x_AD, self.w_in, counts_E).chunk(2, dim=-1)
+        y_AD = grouped_matmul(F.silu(gate) * up, self.w_out, counts_E)
+        inverse_A = torch.empty_like(order_A)
+        inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
+        return y_AD[inverse_A].reshape(n, k, self.dim)
 
 
-def grouped_matmul(x_SD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """Rows of x_SD sorted by group (counts_E rows each) times their group's (D, F) weight."""
-    if x_SD.dtype != w_EDF.dtype and torch.is_autocast_enabled(x_SD.device.type):
-        w_EDF = w_EDF.to(x_SD.dtype)  # what autocast does for a plain matmul
-    if _grouped_mm_ok(x_SD, w_EDF):
+def grouped_matmul(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Rows of x_AD sorted by group (counts_E rows each) times their group's (D, F) weight."""
+    if x_AD.dtype != w_EDF.dtype and torch.is_autocast_enabled(x_AD.device.type):
+        w_EDF = w_EDF.to(x_AD.dtype)  # what autocast does for a plain matmul
+    if _grouped_mm_ok(x_AD, w_EDF):
         offs_E = counts_E.cumsum(0).to(torch.int32)
-        return F.grouped_mm(x_SD, w_EDF, offs=offs_E)
-    return grouped_matmul_loop(x_SD, w_EDF, counts_E)
+        return F.grouped_mm(x_AD, w_EDF, offs=offs_E)
+    return grouped_matmul_loop(x_AD, w_EDF, counts_E)
 
 
-def grouped_matmul_loop(x_SD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+def grouped_matmul_loop(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Fallback: one matmul per non-empty group (a loop over experts, not tokens)."""
     # unbind once: indexing w_EDF[e] per expert would make backward build E full-size zero grads
     outs, start, w_list = [], 0, w_EDF.unbind(0)
     for e, c in enumerate(counts_E.tolist()):
         if c:
-            outs.append(x_SD[start:start + c] @ w_list[e])
+            outs.append(x_AD[start:start + c] @ w_list[e])
             start += c
     if not outs:
-        return x_SD.new_zeros(0, w_EDF.shape[-1])
+        return x_AD.new_zeros(0, w_EDF.shape[-1])
     return torch.cat(outs)
 
 
-def _grouped_mm_ok(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
+def _grouped_mm_ok(x_AD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
     # F.grouped_mm (torch >= 2.8): fp32/bf16/fp16 on CPU, bf16 on CUDA with SM >= 80; 16-byte
     # aligned strides. Anything else takes the loop.
-    if not hasattr(F, "grouped_mm") or x_SD.dtype != w_EDF.dtype or x_SD.shape[0] == 0:
+    if not hasattr(F, "grouped_mm") or x_AD.dtype != w_EDF.dtype or x_AD.shape[0] == 0:
         return False
-    if x_SD.device.type == "cuda":
-        if x_SD.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x_SD.device) < (8, 0):
+    if x_AD.device.type == "cuda":
+        if x_AD.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x_AD.device) < (8, 0):
             return False
-    elif x_SD.device.type != "cpu" or x_SD.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    elif x_AD.device.type != "cpu" or x_AD.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    align = 16 // x_SD.element_size()
-    return (x_SD.is_contiguous() and w_EDF.is_contiguous()
-            and x_SD.shape[-1] % align == 0 and w_EDF.shape[-1] % align == 0)
+    align = 16 // x_AD.element_size()
+    return (x_AD.is_contiguous() and w_EDF.is_contiguous()
+            and x_AD.shape[-1] % align == 0 and w_EDF.shape[-1] % align == 0)
 
 
 def _check_positive(**kwargs: int) -> None:

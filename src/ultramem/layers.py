@@ -2,8 +2,9 @@
 
 Both implement `memory.MemoryLayer`; their value tables come from a `TableFactory`.
 
-Shape legend: B batch, T time, D model width, H heads, M kept per head, C cores (MCS chunks),
-G value-expansion blocks (E of them), V value width D_v, K = H * M entries per token.
+Shape legend (the package's, see `ultramem/__init__.py`): B batch, T time, D model width, H heads,
+M kept per head, C cores (MCS chunks), G value-expansion blocks (E of them), Dv value width,
+K = H * M entries per token.
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ class UltraMemLayer(MemoryLayer):
         idx_BTHM, scores_BTHMC = retrieved
         row_TK, block_TK = self.slot_locations(idx_BTHM.reshape(B * T, -1))
         w_TKC = scores_BTHMC.reshape(B * T, -1, cfg.num_cores)
-        pooled_TGV = self.values.pool(row_TK, block_TK, w_TKC, cfg.value_expansion)
-        pooled = pooled_TGV.reshape(B, T, -1).to(self.w_o.weight.dtype)
+        pooled_TGDv = self.values.pool(row_TK, block_TK, w_TKC, cfg.value_expansion)
+        pooled = pooled_TGDv.reshape(B, T, -1).to(self.w_o.weight.dtype)
         return self.w_o(pooled)
 
     def slot_locations(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,16 +226,16 @@ class PKMLayer(MemoryLayer):
         s2_BTHN = torch.einsum("bthk,hnk->bthn", q2_BTHK, keys[:, 1])
         if exact:
             grid = (s1_BTHN.unsqueeze(-1) + s2_BTHN.unsqueeze(-2)).flatten(-2)
-            best, idx_BTHk = grid.topk(k, dim=-1)
+            best, idx_BTHM = grid.topk(k, dim=-1)
         else:
             v1, i1 = s1_BTHN.topk(k, dim=-1)
             v2, i2 = s2_BTHN.topk(k, dim=-1)
             # The true top-k of the n^2 sums lies in the k x k grid of per-side winners.
             grid = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)
             best, flat = grid.topk(k, dim=-1)
-            idx_BTHk = i1.gather(-1, flat // k) * n + i2.gather(-1, flat % k)
+            idx_BTHM = i1.gather(-1, flat // k) * n + i2.gather(-1, flat % k)
         scores = best.softmax(dim=-1) if cfg.softmax else best
-        return Retrieved(idx_BTHk, scores.unsqueeze(-1))
+        return Retrieved(idx_BTHM, scores.unsqueeze(-1))
 
     def forward(self, x_BTD: torch.Tensor, state=None) -> torch.Tensor:
         """(B, T, D) -> (B, T, D_out); PKM carries no decode state (state is accepted and unused)."""
@@ -243,8 +244,8 @@ class PKMLayer(MemoryLayer):
         B, T, _ = x_BTD.shape
         retrieved = self.retrieve(x_BTD)
         self._notify_retrieval(retrieved)
-        idx_BTHk, scores_BTHk1 = retrieved
-        pooled = self.values.pool(idx_BTHk.reshape(B * T, -1), None, scores_BTHk1.reshape(B * T, -1, 1),
+        idx_BTHM, scores_BTHM1 = retrieved
+        pooled = self.values.pool(idx_BTHM.reshape(B * T, -1), None, scores_BTHM1.reshape(B * T, -1, 1),
                                   1).view(B, T, cfg.v_dim)
         pooled = pooled.to(x_BTD.dtype)
         if self.w_g is not None:
