@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .suites import PD_ENGLISH
+
 
 def _with_progress(root, suite: str, name: str) -> str:
     from . import runner
@@ -31,6 +33,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "probe: evaluate a trained UltraMem run (--run) under other top-m searches")
     p.add_argument("suites", nargs="*", help="suite names (default: all for configs/report)")
     p.add_argument("--root", default="experiments", help="experiments folder (default: experiments)")
+    p.add_argument("--pd-english", default=PD_ENGLISH,
+                   help=f"configs: the pd-english corpus folder the text runs read (default {PD_ENGLISH})")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one process each (default 2)")
     p.add_argument("--only", nargs="+", help="run only configs whose name contains one of these")
     p.add_argument("--background", action="store_true", help="detach and log to <root>/logs/<suite>.log")
@@ -57,7 +61,7 @@ def handler(a) -> int:
         if name not in suites.SUITES:
             raise ValueError(f"suite: unknown {name!r}; allowed are {sorted(suites.SUITES)}")
     if a.action == "configs":
-        paths = suites.write_configs(root / "configs", names)
+        paths = suites.write_configs(root / "configs", names, pd_english=a.pd_english)
         print(f"wrote {len(paths)} config(s) under {root / 'configs'}")
     elif a.action == "match":
         for kind, c in suites.check_matching().items():

@@ -16,12 +16,21 @@ from pathlib import Path
 
 from .matching import counts_for
 
+# Where the committed configs expect the corpus: the workspace's shared data, relative to the
+# repository root (the runner's working directory). `ultramem exp configs --pd-english PATH`
+# writes configs for a copy elsewhere; library code never resolves this path itself.
 PD_ENGLISH = "../shared/data/pd-english"
 VOCAB, SEQ = 2048, 128
 SEEDS = (0, 1)
 
-DATA_TEXT = {"source": "text", "train_path": f"{PD_ENGLISH}/train", "val_path": f"{PD_ENGLISH}/val",
-             "vocab_size": VOCAB}
+
+def data_text(pd_english: str = PD_ENGLISH) -> dict:
+    """The pd-english data section, for a corpus folder holding train/ and val/."""
+    return {"source": "text", "train_path": f"{pd_english}/train", "val_path": f"{pd_english}/val",
+            "vocab_size": VOCAB}
+
+
+DATA_TEXT = data_text()
 DATA_FACTS = {"source": "facts", "num_people": 800, "vocab_size": 1024}
 TRAIN = {"steps": 1300, "batch_size": 32, "seq_len": SEQ, "lr": 3e-3, "warmup_steps": 60,
          "min_lr_ratio": 0.1, "weight_decay": 0.1, "grad_clip": 1.0, "eval_every": 260,
@@ -58,9 +67,9 @@ def check_matching(vocab: int = VOCAB, tol: float = 0.01) -> dict[str, dict]:
     return counts
 
 
-def main_suite() -> list[dict]:
+def main_suite(pd_english: str = PD_ENGLISH) -> list[dict]:
     runs = []
-    for data, tag in ((DATA_TEXT, ""), (DATA_FACTS, "facts-")):
+    for data, tag in ((data_text(pd_english), ""), (DATA_FACTS, "facts-")):
         # The fact corpus is ~4x smaller than pd-english: half the steps still see it ~6 times.
         extra = {"fact_queries": 400, "steps": 650, "eval_every": 130, "ckpt_every": 130} if tag else {}
         for kind, model in MATCHED.items():
@@ -70,15 +79,15 @@ def main_suite() -> list[dict]:
     # ~1 its query gain aims for, and the memory output's std 1.4-1.8 (authors' 0.14-0.18;
     # embeddings 0.02).
     authors = {**ULTRAMEM, "memory": {**ULTRAMEM["memory"], "init": "authors"}}
-    runs += [_run("ultramem-authors-init", authors, DATA_TEXT, s) for s in SEEDS]
+    runs += [_run("ultramem-authors-init", authors, data_text(pd_english), s) for s in SEEDS]
     # The paper's init with its query gain measured on the real kept scores (RMS 1 at init; the
     # output's std is then 0.35, against the paper's 1.4-1.8 and the authors' 0.14-0.18).
     calibrated = {**ULTRAMEM, "memory": {**ULTRAMEM["memory"], "init": "calibrated"}}
-    runs += [_run("ultramem-calibrated-init", calibrated, DATA_TEXT, s) for s in SEEDS]
+    runs += [_run("ultramem-calibrated-init", calibrated, data_text(pd_english), s) for s in SEEDS]
     # The paper's gains with the authors' value scale: over the first 104 steps the value std, not
     # the gains, separated the two inits (experiments/probes/early_collapse.sh).
     small_values = {**ULTRAMEM, "memory": {**ULTRAMEM["memory"], "value_init_std": 0.02}}
-    runs += [_run("ultramem-paper-init-small-values", small_values, DATA_TEXT, s) for s in SEEDS]
+    runs += [_run("ultramem-paper-init-small-values", small_values, data_text(pd_english), s) for s in SEEDS]
     return runs
 
 
@@ -130,12 +139,12 @@ def ablation_rungs() -> list[tuple[str, dict, dict]]:
     return rungs
 
 
-def ablation_suite(seeds=SEEDS) -> list[dict]:
-    return [_run(f"{i:02d}-{name}", model, DATA_TEXT, s, **over)
+def ablation_suite(seeds=SEEDS, pd_english: str = PD_ENGLISH) -> list[dict]:
+    return [_run(f"{i:02d}-{name}", model, data_text(pd_english), s, **over)
             for i, (name, model, over) in enumerate(ablation_rungs(), 1) for s in seeds]
 
 
-def sweeps_suite() -> list[dict]:
+def sweeps_suite(pd_english: str = PD_ENGLISH) -> list[dict]:
     """IVE E, Tucker rank r and cores h around the main UltraMem model (physical values fixed).
 
     The base point (E=4, r=2, h=2) is exactly main's `ultramem` config, so it is not run twice: the
@@ -147,11 +156,11 @@ def sweeps_suite() -> list[dict]:
                ("cores-h4", {"num_cores": 4})]
     for name, change in changes:
         model = {**ULTRAMEM, "memory": {**ULTRAMEM["memory"], **change}}
-        runs += [_run(name, model, DATA_TEXT, s) for s in SEEDS]
+        runs += [_run(name, model, data_text(pd_english), s) for s in SEEDS]
     return runs
 
 
-def scaling_suite() -> list[dict]:
+def scaling_suite(pd_english: str = PD_ENGLISH) -> list[dict]:
     """Sparse/dense ratio 2..32 at two fixed sparsities (physical values / values read per token).
 
     ratio = value params / dense activated params (1.05M); two layers of D_v = 64 values, so
@@ -167,25 +176,25 @@ def scaling_suite() -> list[dict]:
             n = round((ratio * 1_049_728 / 128) ** 0.5)
             m = max(1, round(n * n / (2 * sparsity)))
             mem = {**ULTRAMEM["memory"], "num_keys": n, "topk": m, "init": "authors"}
-            runs += [_run(f"sp{sparsity}-x{ratio:02d}", {**ULTRAMEM, "memory": mem}, DATA_TEXT, s)
+            runs += [_run(f"sp{sparsity}-x{ratio:02d}", {**ULTRAMEM, "memory": mem}, data_text(pd_english), s)
                      for s in SEEDS]
     return runs
 
 
-def retrieval_suite() -> list[dict]:
+def retrieval_suite(pd_english: str = PD_ENGLISH) -> list[dict]:
     """The main UltraMem model trained with the sign-symmetric stage 1 (`rank1_both_signs`).
 
     Its counterparts (PKM, UltraMem with the SPEC's top-end-only search) are main's runs; the
     report reads them from there. Same FLOPs and params: only which m1 candidates are kept changes."""
     model = {**ULTRAMEM, "memory": {**ULTRAMEM["memory"], "topm_search": "rank1_both_signs"}}
-    return [_run("ultramem-both-signs", model, DATA_TEXT, s) for s in SEEDS]
+    return [_run("ultramem-both-signs", model, data_text(pd_english), s) for s in SEEDS]
 
 
 SUITES = {"main": main_suite, "ablation": ablation_suite, "sweeps": sweeps_suite, "scaling": scaling_suite,
           "retrieval": retrieval_suite}
 
 
-def write_configs(root: str | Path, suites=None) -> list[Path]:
+def write_configs(root: str | Path, suites=None, pd_english: str = PD_ENGLISH) -> list[Path]:
     """Write experiments/configs/<suite>/<run>.json for the named suites (all by default)."""
     written = []
     for suite in suites or SUITES:
@@ -193,7 +202,7 @@ def write_configs(root: str | Path, suites=None) -> list[Path]:
             raise ValueError(f"suite: unknown {suite!r}; allowed are {sorted(SUITES)}")
         folder = Path(root) / suite
         folder.mkdir(parents=True, exist_ok=True)
-        for run in SUITES[suite]():
+        for run in SUITES[suite](pd_english=pd_english):
             path = folder / f"{run['name']}.json"
             path.write_text(json.dumps(run, indent=1) + "\n")
             written.append(path)
