@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # an end-to-end benchmark run in a subprocess
+
 EXPECTED_OURS = {"ultramem_fused", "ultramem_reference", "pkm_ours", "swiglu_ffn"}
 
 

@@ -6,6 +6,8 @@ from dataclasses import replace
 
 import pytest
 
+pytestmark = pytest.mark.slow  # an end-to-end benchmark run in a subprocess
+
 from ultramem.bench import decode
 from ultramem.bench.decode_report import evaluate_targets, write_outputs
 

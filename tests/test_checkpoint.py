@@ -86,6 +86,7 @@ def test_round_trip_restores_everything(tmp_path, sparse):
 
 def test_loading_never_unpickles(tmp_path, monkeypatch):
     m, opt = _trained()
+    rng_at_save = torch.get_rng_state()
     save_checkpoint(tmp_path, m, optimizer=opt)
 
     def boom(*a, **k):
@@ -94,7 +95,20 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", boom)
     monkeypatch.setattr("pickle.load", boom)
     monkeypatch.setattr("pickle.loads", boom)
-    load_checkpoint(tmp_path, Tiny(), build_optimizer(Tiny(), lr=1e-2), restore_rng=True)
+    torch.manual_seed(99)  # a different model, optimiser and RNG state to load into
+    fresh = Tiny()
+    fresh_opt = build_optimizer(fresh, lr=1e-2)
+    torch.rand(5)
+    load_checkpoint(tmp_path, fresh, fresh_opt, restore_rng=True)
+    # what was loaded is what was saved: weights, optimiser moments, and the global RNG
+    for (name, a), b in zip(m.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    saved, loaded = opt.state_dict()["adamw"]["state"], fresh_opt.state_dict()["adamw"]["state"]
+    assert saved.keys() == loaded.keys() and saved
+    for k in saved:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(saved[k][name], loaded[k][name]), (k, name)
+    assert torch.equal(torch.get_rng_state(), rng_at_save)
 
 
 def test_failed_write_leaves_old_checkpoint_intact(tmp_path, monkeypatch):

@@ -191,9 +191,17 @@ def test_calibrated_init_sets_kept_scores_to_unit_rms(kw):
 
 
 @pytest.mark.parametrize("norm", ["rms", "layer"])
-def test_norm_kinds_run(norm):
+def test_norm_kinds_score_as_their_reference(norm):
+    torch.manual_seed(13)
     layer = UltraMemLayer(small_cfg(norm=norm))
-    assert layer(torch.randn(1, 2, 32)).shape == (1, 2, 32)
+    x = torch.randn(1, 2, 32)
+    assert layer(x).shape == (1, 2, 32)
+    want_row, _ = independent_row_col_scores(layer, x)
+    torch.testing.assert_close(layer.retrieval.row_col_scores(x)[0], want_row, rtol=1e-5, atol=1e-5)
+    if norm == "layer":  # a layer norm is not an RMS norm: the two kinds really differ
+        rms = UltraMemLayer(small_cfg(norm="rms"))
+        rms.load_state_dict(layer.state_dict())
+        assert not torch.allclose(rms.retrieval.row_col_scores(x)[0], want_row)
 
 
 def test_additive_score_is_pkm_style_row_plus_column():
@@ -283,3 +291,73 @@ def test_exact_search_mode_is_the_oracle():
 def test_search_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         small_cfg(**kw)
+
+
+def independent_row_col_scores(layer, x):
+    """S_row, S_col (B, T, H, P, R) from the definitions, not from the code's key matrix:
+    s[a, r] = <g_q * norm(q_side), g_k * norm(key[a, r])> with the configured norm."""
+    ret, cfg = layer.retrieval, layer.cfg
+
+    def norm(v, gain):
+        if cfg.norm == "rms":
+            return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
+        centred = v - v.mean(-1, keepdim=True)
+        return centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
+
+    q = x @ ret.w_q.weight.T  # (B, T, 2 Dk)
+    q_row, q_col = q[..., : cfg.key_dim], q[..., cfg.key_dim:]
+    q_row, q_col = norm(q_row, ret.q_row_norm), norm(q_col, ret.q_col_norm)
+    k_row, k_col = norm(ret.keys_row, ret.k_row_norm), norm(ret.keys_col, ret.k_col_norm)  # (H, P, R, Dk)
+    return (torch.einsum("btk,hprk->bthpr", q_row, k_row), torch.einsum("btk,hprk->bthpr", q_col, k_col))
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_key_scoring_matches_an_independent_computation(norm):
+    torch.manual_seed(11)
+    layer = UltraMemLayer(small_cfg(norm=norm))
+    with torch.no_grad():  # non-trivial gains, so a gain applied twice or not at all shows
+        for gain in (layer.retrieval.q_row_norm, layer.retrieval.k_col_norm):
+            gain.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 32)
+    want_row, want_col = independent_row_col_scores(layer, x)
+    got_row, got_col = layer.retrieval.row_col_scores(x)
+    torch.testing.assert_close(got_row, want_row, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_col, want_col, rtol=1e-5, atol=1e-5)
+    # and the kept slots' per-core scores are the bilinear forms of those independent scores
+    full = torch.einsum("ntiar,icrs,ntibs->ntiabc", want_row, layer.retrieval.cores, want_col)
+    got = layer.retrieve(x, exact=True)
+    gathered = full.flatten(3, 4).gather(3, got.indices.unsqueeze(-1).expand(-1, -1, -1, -1, 2))
+    torch.testing.assert_close(got.scores, gathered, rtol=1e-5, atol=1e-5)
+
+
+def _cached_scores(layer, x):
+    with torch.no_grad():
+        return layer.retrieve(x).scores
+
+
+@pytest.mark.parametrize("change", ["in_place_edit", "load_state_dict", "to_dtype", "train_eval"])
+def test_cached_key_matrix_is_dropped_when_the_keys_change(change):
+    torch.manual_seed(12)
+    layer = UltraMemLayer(small_cfg()).eval()
+    x = torch.randn(1, 4, 32)
+    _cached_scores(layer, x)
+    assert layer.retrieval._key_cache is not None  # a no-grad forward cached the key matrix
+    other = UltraMemLayer(small_cfg())
+    if change == "in_place_edit":
+        with torch.no_grad():
+            layer.retrieval.keys_row.mul_(-1.0)
+    elif change == "load_state_dict":
+        layer.load_state_dict(other.state_dict())
+    elif change == "to_dtype":
+        layer.to(torch.float64)
+        x = x.double()
+    else:  # a training step in between (grad-enabled forward) then eval again
+        layer.train()
+        layer(x).sum().backward()
+        with torch.no_grad():
+            layer.retrieval.keys_col.add_(0.1)
+        layer.eval()
+    fresh = UltraMemLayer(small_cfg()).eval()
+    fresh.load_state_dict(layer.state_dict())  # a layer that never cached anything
+    fresh.to(layer.retrieval.keys_row.dtype)
+    torch.testing.assert_close(_cached_scores(layer, x), _cached_scores(fresh, x))

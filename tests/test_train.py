@@ -83,8 +83,14 @@ def test_aux_losses_are_logged_separately(tmp_path, cache_dir):
 
 
 def test_bf16_autocast_on_cpu_trains(tmp_path, cache_dir):
-    res = train(_cfg(tmp_path, cache_dir, "ultramem", steps=3, dtype="bf16"), log=lambda *_: None)
-    assert all(torch.isfinite(torch.tensor(v)) for _, v in res["losses"])
+    bf16 = train(_cfg(tmp_path / "bf16", cache_dir, "ultramem", steps=3, dtype="bf16"), log=lambda *_: None)
+    fp32 = train(_cfg(tmp_path / "fp32", cache_dir, "ultramem", steps=3, dtype="fp32"), log=lambda *_: None)
+    losses = [v for _, v in bf16["losses"]]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(v)) for v in losses)
+    # the same run in fp32 (same seed, same batches): bf16 rounding moves the losses only a little
+    for (s1, a), (s2, b) in zip(bf16["losses"], fp32["losses"], strict=True):
+        assert s1 == s2 and abs(a - b) < 0.05 * b, (s1, a, b)
+    assert bf16["losses"] != fp32["losses"]  # autocast really ran in bf16
 
 
 def test_load_run_rebuilds_the_trained_model(tmp_path, cache_dir):
