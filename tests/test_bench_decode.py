@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import pytest
 
-pytestmark = pytest.mark.slow  # an end-to-end benchmark run in a subprocess
-
 from ultramem.bench import decode
 from ultramem.bench.decode_report import evaluate_targets, write_outputs
+
+pytestmark = pytest.mark.slow  # an end-to-end benchmark run in a subprocess
 
 TINY = replace(decode.quick_shapes(), dim=32, expert_hidden=64, experts=8,
                um=dict(key_dim=8, value_dim=16, heads=2, topk=4, value_expansion=4),
