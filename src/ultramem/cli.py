@@ -181,6 +181,9 @@ def cmd_generate(a) -> int:
     model, _, tok, ckpt = load_run(a.run, a.device)
     if tok is None:
         raise ValueError(f"{ckpt.path.parent}: no tokenizer.json next to the checkpoint")
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{ckpt.path.parent}/tokenizer.json has {tok.vocab_size} tokens but the "
+                         f"checkpoint's model has vocab_size={model.cfg.vocab_size}: they are not one run's")
     ids = [tok.eos_id] + tok.encode(a.prompt)  # documents start with <|endoftext|> in training
     x = torch.tensor([ids], dtype=torch.long, device=a.device)
     gen = torch.Generator(device=a.device).manual_seed(a.seed)
@@ -348,6 +351,13 @@ def main(argv=None) -> int:
     except ValueError as e:  # config / checkpoint problems: one clear line, no traceback
         print(f"ultramem {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path that cannot be read or written: name it, no traceback
+        where = f" '{e.filename}'" if getattr(e, "filename", None) else ""
+        print(f"ultramem {args.command}: error:{where} {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # training handles Ctrl-C itself (checkpoint); elsewhere just stop
+        print(f"ultramem {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -33,6 +33,20 @@ def _check_input(x: torch.Tensor, dim: int, name: str, training: bool) -> None:
             raise ValueError(f"{name}: input contains NaN or Inf; refusing to train on it")
 
 
+def _compute_dtype(x: torch.Tensor, param: torch.Tensor) -> torch.dtype | None:
+    """The dtype to cast a floating input to (the layer's own), or None to leave it: an fp16/bf16
+    input to an fp32 layer outside autocast runs in the layer's dtype (autocast casts by itself)."""
+    if x.dtype == param.dtype or torch.is_autocast_enabled(x.device.type):
+        return None
+    return param.dtype
+
+
+def _empty_retrieved(x_BTD: torch.Tensor, heads: int, kept: int, chunks: int) -> Retrieved:
+    B, T, _ = x_BTD.shape
+    return Retrieved(torch.zeros(B, T, heads, kept, dtype=torch.long, device=x_BTD.device),
+                     x_BTD.new_zeros(B, T, heads, kept, chunks))
+
+
 def _legacy_state(state, exact: bool, conv_state, name: str):
     """Accept the 0.1 call forms `layer(x, True)` (exact) and `conv_state=` with a warning."""
     if isinstance(state, bool):
@@ -91,7 +105,10 @@ class UltraMemLayer(MemoryLayer):
     def retrieve(self, x_BTD: torch.Tensor, exact: bool = False) -> Retrieved:
         """Top-m virtual slots per head and their per-core scores (exact=True: brute-force oracle)."""
         _check_input(x_BTD, self.cfg.dim, "UltraMemLayer.retrieve", False)
-        return self.retrieval(x_BTD, exact=exact)
+        if x_BTD.numel() == 0:
+            return _empty_retrieved(x_BTD, self.cfg.heads, self.cfg.topk, self.cfg.num_cores)
+        cast = _compute_dtype(x_BTD, self.retrieval.w_q.weight)
+        return self.retrieval(x_BTD if cast is None else x_BTD.to(cast), exact=exact)
 
     def new_state(self) -> ConvState | None:
         """With query_conv, the conv's input history carried between decode steps; else None."""
@@ -104,6 +121,11 @@ class UltraMemLayer(MemoryLayer):
         cfg = self.cfg
         _check_input(x_BTD, cfg.dim, "UltraMemLayer", self.training)
         B, T, _ = x_BTD.shape
+        if B * T == 0:  # an empty batch or sequence: an empty output of the right shape
+            return x_BTD.new_zeros(B, T, cfg.out_dim)
+        in_dtype, cast = x_BTD.dtype, _compute_dtype(x_BTD, self.w_o.weight)
+        if cast is not None:
+            x_BTD = x_BTD.to(cast)
         retrieved = self.retrieval(x_BTD, exact=exact, conv_state=state)
         self._notify_retrieval(retrieved)
         idx_BTHM, scores_BTHMC = retrieved
@@ -111,7 +133,8 @@ class UltraMemLayer(MemoryLayer):
         w_TKC = scores_BTHMC.reshape(B * T, -1, cfg.num_cores)
         pooled_TGDv = self.values.pool(row_TK, block_TK, w_TKC, cfg.value_expansion)
         pooled = pooled_TGDv.reshape(B, T, -1).to(self.w_o.weight.dtype)
-        return self.w_o(pooled)
+        out_BTD = self.w_o(pooled)
+        return out_BTD if cast is None else out_BTD.to(in_dtype)
 
     def slot_locations(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """IVE: virtual slot ids -> (physical row, expansion block), each of idx's shape, through
@@ -219,6 +242,11 @@ class PKMLayer(MemoryLayer):
         so both agree up to ties)."""
         _check_input(x_BTD, self.cfg.dim, "PKMLayer.retrieve", False)
         cfg = self.cfg
+        if x_BTD.numel() == 0:
+            return _empty_retrieved(x_BTD, cfg.heads, cfg.topk, 1)
+        cast = _compute_dtype(x_BTD, self.w_q.weight)
+        if cast is not None:
+            x_BTD = x_BTD.to(cast)
         n, k = cfg.num_keys, cfg.topk
         q1_BTHK, q2_BTHK = self._query(x_BTD).chunk(2, dim=-1)
         keys = self._subkeys()
@@ -242,6 +270,11 @@ class PKMLayer(MemoryLayer):
         cfg = self.cfg
         _check_input(x_BTD, cfg.dim, "PKMLayer", self.training)
         B, T, _ = x_BTD.shape
+        if B * T == 0:  # an empty batch or sequence: an empty output of the right shape
+            return x_BTD.new_zeros(B, T, cfg.out_dim)
+        in_dtype, cast = x_BTD.dtype, _compute_dtype(x_BTD, self.w_q.weight)
+        if cast is not None:
+            x_BTD = x_BTD.to(cast)
         retrieved = self.retrieve(x_BTD)
         self._notify_retrieval(retrieved)
         idx_BTHM, scores_BTHM1 = retrieved
@@ -250,7 +283,8 @@ class PKMLayer(MemoryLayer):
         pooled = pooled.to(x_BTD.dtype)
         if self.w_g is not None:
             pooled = pooled * F.silu(self.w_g(x_BTD))
-        return self.w_o(pooled) if self.w_o is not None else pooled
+        out_BTD = self.w_o(pooled) if self.w_o is not None else pooled
+        return out_BTD if cast is None else out_BTD.to(in_dtype)
 
     def aux_loss(self) -> torch.Tensor:
         return self.subkeys.new_zeros(())

@@ -224,6 +224,8 @@ class LanguageModel(nn.Module):
             raise ValueError(f"idx: expected (batch, time) integer token ids, got {tuple(idx_BT.shape)} "
                              f"{idx_BT.dtype}")
         B, T = idx_BT.shape
+        if B * T == 0:  # an empty batch or sequence: empty logits of the right shape, no loss
+            return self._empty_forward(idx_BT, targets_BT, last_only)
         past = kv_cache.pos if kv_cache is not None else 0
         if past + T > self.cfg.max_seq_len:
             raise ValueError(f"idx: {past} cached + {T} new positions exceed "
@@ -253,6 +255,15 @@ class LanguageModel(nn.Module):
                                    ignore_index=IGNORE_INDEX)
         return logits_BTV, loss
 
+    def _empty_forward(self, idx_BT: torch.Tensor, targets_BT, last_only: bool):
+        B, T = idx_BT.shape
+        if last_only and T == 0:
+            raise ValueError("idx: an empty sequence has no last position to predict from (got time 0)")
+        logits = self.tok_emb.weight.new_zeros(B, 1 if last_only else T, self.cfg.vocab_size)
+        # the mean over no tokens is undefined: NaN, as F.cross_entropy gives for an empty batch
+        loss = None if targets_BT is None else logits.new_full((), float("nan"))
+        return logits, loss
+
     def _memory_forward(self, i: int, u_BTD: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
         """Memory i on the normed hidden state; with a KV cache its decode state lives there too."""
         mem = self.memory[i]
@@ -261,6 +272,18 @@ class LanguageModel(nn.Module):
         if i not in kv_cache.memory_state:
             kv_cache.memory_state[i] = mem.new_state()
         return mem(u_BTD, kv_cache.memory_state[i])
+
+    def _check_prompt(self, idx_BT: torch.Tensor) -> None:
+        if idx_BT.ndim != 2 or idx_BT.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"idx: expected (batch, time) integer token ids, got {tuple(idx_BT.shape)} "
+                             f"{idx_BT.dtype}")
+        if idx_BT.shape[1] == 0:
+            raise ValueError("idx: the prompt is empty; generate needs at least one token to start from "
+                             "(e.g. the tokenizer's <|endoftext|>)")
+        if idx_BT.numel() and (int(idx_BT.min()) < 0 or int(idx_BT.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"idx: token ids must lie in [0, vocab_size={self.cfg.vocab_size}) (got "
+                             f"{int(idx_BT.min())}..{int(idx_BT.max())}); was the prompt encoded with "
+                             "another tokenizer than the model's?")
 
     def _check_cache(self, kv_cache: KVCache, batch: int, end: int) -> None:
         if kv_cache.batch_size != batch or end > kv_cache.max_len:
@@ -308,10 +331,11 @@ class LanguageModel(nn.Module):
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: must be an int >= 0 (got {max_new_tokens!r})")
-        if temperature < 0:
-            raise ValueError(f"temperature: must be >= 0 (got {temperature})")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature: must be a finite number >= 0 (got {temperature!r})")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k: must be None or a positive int (got {top_k!r})")
+        self._check_prompt(idx_BT)
         B, T = idx_BT.shape
         if T + max_new_tokens > self.cfg.max_seq_len:
             raise ValueError(f"max_new_tokens: prompt {T} + {max_new_tokens} new tokens exceed "

@@ -99,6 +99,7 @@ class TuckerRetrieval(nn.Module):
         self.register_buffer("u", torch.zeros(H, R))
         self.register_buffer("t", torch.zeros(H, R))
         self._cores_version = -1  # cores._version at the last refresh; forces a refresh on first use
+        self._cores_ptr = 0  # cores.data_ptr() then: a copy/.to() makes a new tensor (version 0)
         self._key_cache: tuple[tuple, torch.Tensor] | None = None  # (stamp, key matrix), no-grad only
         self._warned_stale = False
         # A module-level function, not a lambda: the layer must stay picklable (torch.save(layer)).
@@ -157,6 +158,11 @@ class TuckerRetrieval(nn.Module):
                             dtype=self.w_q.weight.dtype)
         return self(x_BTD).scores.float().pow(2).mean().sqrt().item()
 
+    def __getstate__(self):
+        # The key cache is derived data (and a tensor deepcopy refuses): never part of a copy.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        return {**state, "_key_cache": None}
+
     def _check_fresh(self) -> None:
         """Warn (once) when the cores changed in place since the last refresh.
 
@@ -167,7 +173,9 @@ class TuckerRetrieval(nn.Module):
         if self.cores is None or self._warned_stale:
             return
         version = _version_of(self.cores)
-        if version is not None and self._cores_version != -1 and version != self._cores_version:
+        same_tensor = self.cores.data_ptr() == self._cores_ptr
+        stale = version is not None and self._cores_version != -1 and version != self._cores_version
+        if stale and same_tensor:
             self._warned_stale = True
             warnings.warn("UltraMem: the Tucker cores changed since the last refresh of the stage-1 "
                           "vectors; call layer.after_optimizer_step() (or refresh_tucker()) after each "
@@ -194,6 +202,7 @@ class TuckerRetrieval(nn.Module):
             self.u.copy_(u)
             self.t.copy_(t)
             self._cores_version = -1 if version is None else version
+            self._cores_ptr = self.cores.data_ptr()
 
     def singular_values(self) -> torch.Tensor:
         """Singular values (H, r) of each head's summed core (differentiable; ones when additive)."""

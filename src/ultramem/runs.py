@@ -129,6 +129,11 @@ def load_run(path, device: str = "cpu"):
     from .data import Tokenizer
     from .model import LanguageModel, LMConfig
 
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {device!r} requested but no CUDA device is available here")
     meta = read_checkpoint_meta(path)
     if not meta.get("model_config"):
         raise ValueError(f"{path}: checkpoint has no model config; cannot rebuild the model")

@@ -183,7 +183,7 @@ class _Session:
     last_eval: dict = field(default_factory=dict)
     pending: list = field(default_factory=list)
     interval_s: float = 0.0
-    last_ckpt_time: float = field(default_factory=time.monotonic)
+    last_ckpt_time: float = 0.0  # time.monotonic() of the last checkpoint (or of the loop's start)
     aux_names: tuple = ()
     metrics: MetricsLog | None = None
     bar: object = None
@@ -303,6 +303,7 @@ def _loop(s: _Session) -> None:
     s.bar = tqdm(total=tc.steps, initial=s.step, disable=not tc.progress, dynamic_ncols=True,
                  desc=s.mcfg.ffn)
     s.model.train()
+    s.last_ckpt_time = time.monotonic()
     if tc.memory_diagnostics:  # dead-row statistics from the training batches, logged at each eval
         for layer in s.model.memory_layers():
             if layer.values.read_counts is None:
