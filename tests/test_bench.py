@@ -84,15 +84,16 @@ def test_target_ratios_match_the_table(report):
 
 def test_missing_peer_is_skipped_with_a_note(monkeypatch):
     from ultramem.bench import layer_bench as lb
+    from ultramem.bench import peers
 
-    real_import = lb.importlib.import_module
+    real_import = peers.importlib.import_module
 
     def fake_import(name, *args, **kwargs):
         if name in ("ultra_mem", "product_key_memory"):
             raise ImportError(f"No module named {name!r}")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(lb.importlib, "import_module", fake_import)
+    monkeypatch.setattr(peers.importlib, "import_module", fake_import)
     notes = {}
     names = {c.name for c in lb.build_candidates(lb.shapes(quick=True), notes)}
     assert EXPECTED_OURS <= names and not names & {"ultra_mem_peer", "pkm_peer"}
