@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .memory import memory_layers
+
 GROUP_NAMES = ("decay", "no_decay", "values")
 
 
@@ -102,23 +104,8 @@ def split_param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Paramet
 
 
 def detect_sparse_values(model: nn.Module) -> bool:
-    """True when any value table is configured to emit sparse gradients.
-
-    Looks for a `sparse` or `sparse_values` flag on the modules owning value parameters (as
-    nn.Embedding / EmbeddingBag have) or on their `cfg`/`config`.
-    """
-    if not hasattr(model, "value_parameters"):
-        return False
-    value_ids = {id(p) for p in model.value_parameters()}
-    for mod in model.modules():
-        if not any(id(p) in value_ids for p in mod.parameters(recurse=False)):
-            continue
-        for owner in (mod, getattr(mod, "cfg", None), getattr(mod, "config", None)):
-            if owner is None:
-                continue
-            if getattr(owner, "sparse", False) or getattr(owner, "sparse_values", False):
-                return True
-    return False
+    """True when any memory layer's value table emits row-sparse gradients (its `sparse` flag)."""
+    return any(getattr(layer.values, "sparse", False) for layer in memory_layers(model))
 
 
 class Optimizer:
