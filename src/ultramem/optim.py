@@ -104,8 +104,24 @@ def split_param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Paramet
 
 
 def detect_sparse_values(model: nn.Module) -> bool:
-    """True when any memory layer's value table emits row-sparse gradients (its `sparse` flag)."""
-    return any(getattr(layer.values, "sparse", False) for layer in memory_layers(model))
+    """True when any value table emits row-sparse gradients.
+
+    Memory layers say it through their table's `sparse` flag (the MemoryLayer contract); any other
+    model with `value_parameters()` is asked through the modules owning those parameters (a
+    `sparse` flag as nn.Embedding / EmbeddingBag have, or `sparse_values` on their cfg/config)."""
+    layers = memory_layers(model)
+    if layers:
+        return any(getattr(layer.values, "sparse", False) for layer in layers)
+    if not hasattr(model, "value_parameters"):
+        return False
+    value_ids = {id(p) for p in model.value_parameters()}
+    for mod in model.modules():
+        if not any(id(p) in value_ids for p in mod.parameters(recurse=False)):
+            continue
+        for owner in (mod, getattr(mod, "cfg", None), getattr(mod, "config", None)):
+            if owner is not None and (getattr(owner, "sparse", False) or getattr(owner, "sparse_values", False)):
+                return True
+    return False
 
 
 class Optimizer:
