@@ -119,7 +119,9 @@ def detect_sparse_values(model: nn.Module) -> bool:
         if not any(id(p) in value_ids for p in mod.parameters(recurse=False)):
             continue
         for owner in (mod, getattr(mod, "cfg", None), getattr(mod, "config", None)):
-            if owner is not None and (getattr(owner, "sparse", False) or getattr(owner, "sparse_values", False)):
+            if owner is None:
+                continue
+            if getattr(owner, "sparse", False) or getattr(owner, "sparse_values", False):
                 return True
     return False
 
