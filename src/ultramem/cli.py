@@ -142,10 +142,15 @@ def _eval_args(p):
     p.add_argument("--fact-queries", type=int, help="fact-recall queries to ask (default: the run's)")
     p.add_argument("--windows", type=int, help="val windows (default: the run's)")
     p.add_argument("--cache-dir", help="data cache (default: the run's train.cache_dir)")
+    p.add_argument("--data", help="evaluate on this text instead (a .txt file, folder or glob) with the "
+                                  "run's tokenizer: loss and bits per byte")
+    p.add_argument("--max-tokens", type=int, default=None, help="--data: score at most this many tokens")
     p.add_argument("--device", default="cpu")
 
 
 def cmd_eval(a) -> int:
+    if a.data:
+        return _eval_text(a)
     from .data import DataConfig, prepare_data
     from .train import TrainConfig, autocast_for, evaluate, load_run
 
@@ -160,6 +165,26 @@ def cmd_eval(a) -> int:
                         log=lambda m: print(m, file=sys.stderr))
     res = evaluate(model, data, tc, autocast_for(tc.dtype, next(model.parameters()).device))
     print(json.dumps({"checkpoint": str(ckpt.path), "step": ckpt.step, **res}, indent=1))
+    return 0
+
+
+def _eval_text(a) -> int:
+    """`ultramem eval RUN --data PATH`: any text, the run's own tokenizer, loss and bits per byte."""
+    from .data.sources import read_text_documents
+    from .eval import text_loss
+    from .train import autocast_for, load_run
+
+    model, run_cfg, tok, ckpt = load_run(a.run, a.device)
+    if tok is None:
+        raise ValueError(f"{ckpt.path.parent}: no tokenizer.json next to the checkpoint")
+    if a.max_tokens is not None and a.max_tokens < 1:
+        raise ValueError(f"--max-tokens: must be a positive int (got {a.max_tokens})")
+    tr = run_cfg.get("train") or {}
+    seq_len = min(int(tr.get("seq_len", model.cfg.max_seq_len)), model.cfg.max_seq_len)
+    amp = autocast_for(tr.get("dtype", "auto"), next(model.parameters()).device)
+    res = text_loss(model, tok, read_text_documents(a.data, "--data"), seq_len,
+                    int(tr.get("batch_size", 16)), a.max_tokens, amp)
+    print(json.dumps({"checkpoint": str(ckpt.path), "step": ckpt.step, "data": a.data, **res}, indent=1))
     return 0
 
 

@@ -6,6 +6,7 @@ evaluation in the middle of training does not change the training run.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from contextlib import nullcontext
 
@@ -13,6 +14,7 @@ import torch
 
 from .data import ValBatches, fact_recall_accuracy
 from .diagnostics import MemoryProbe
+from .model import IGNORE_INDEX
 
 
 @torch.no_grad()
@@ -90,3 +92,57 @@ def evaluate(model, data, tc, amp) -> dict:
     finally:
         model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def text_loss(model, tokenizer, docs: list[str], seq_len: int, batch_size: int = 16,
+              max_tokens: int | None = None, amp=None) -> dict:
+    """Loss of `model` on arbitrary text with the run's tokenizer: mean nats per token and bits
+    per byte (UTF-8 bytes of the text scored), so runs with different vocabularies compare.
+
+    Documents are joined as in training (each starts with end-of-text); windows of seq_len + 1
+    tokens overlap by one, so every token after the first is predicted exactly once. End-of-text
+    targets are left out: the bytes counted are the documents' own."""
+    if not docs:
+        raise ValueError("data: no documents to evaluate")
+    ids, n_bytes = [], 0
+    for doc in docs:
+        ids += [tokenizer.eos_id] + tokenizer.encode(doc)
+        n_bytes += len(doc.encode("utf-8"))
+        if max_tokens is not None and len(ids) > max_tokens:
+            ids, n_bytes = ids[: max_tokens + 1], _bytes_of(tokenizer, ids[1: max_tokens + 1])
+            break
+    stream = torch.tensor(ids, dtype=torch.long)
+    device = next(model.parameters()).device
+    windows = [stream[s: s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len)]
+    nats, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for b in range(0, len(windows), batch_size):
+            nats_b, count_b = _windows_nats(model, windows[b: b + batch_size], tokenizer.eos_id, device, amp)
+            nats, count = nats + nats_b, count + count_b
+    finally:
+        model.train(was_training)
+    return {"loss": nats / max(count, 1), "bits_per_byte": nats / math.log(2) / max(n_bytes, 1),
+            "tokens": count, "bytes": n_bytes, "documents": len(docs)}
+
+
+def _windows_nats(model, windows, eos_id: int, device, amp) -> tuple[float, int]:
+    """Summed cross-entropy (nats) and target count over a batch of windows of unequal length."""
+    width = max(len(w) for w in windows)
+    x = torch.full((len(windows), width - 1), eos_id, dtype=torch.long)
+    y = torch.full((len(windows), width - 1), IGNORE_INDEX, dtype=torch.long)
+    for i, w in enumerate(windows):
+        x[i, : len(w) - 1], y[i, : len(w) - 1] = w[:-1], w[1:]
+    y[y == eos_id] = IGNORE_INDEX
+    x, y = x.to(device), y.to(device)
+    with amp or nullcontext():
+        logits, _ = model(x)
+    ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum",
+                                           ignore_index=IGNORE_INDEX)
+    return ce.item(), int((y != IGNORE_INDEX).sum())
+
+
+def _bytes_of(tokenizer, ids: list[int]) -> int:
+    return len(tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8"))

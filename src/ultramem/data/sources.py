@@ -46,6 +46,11 @@ def resolve_text_files(spec: str, field: str) -> list[Path]:
     return files
 
 
+def read_text_documents(spec: str, field: str) -> list[str]:
+    """The documents (one a file) of a folder, glob or file, read as UTF-8; errors name `field`."""
+    return _read_utf8(resolve_text_files(spec, field), field)
+
+
 def _read_utf8(files: list[Path], field: str) -> list[str]:
     docs = []
     for f in files:
