@@ -16,19 +16,24 @@ from .config import PKMConfig, UltraMemConfig
 from .diagnostics import retrieval_recall, used_rows
 from .layers import PKMLayer, UltraMemLayer
 from .memory import MemoryLayer, Retrieved, TableFactory, memory_layers
+from .quantized import QuantizedValueTable, load_quantized, quantize_values, save_quantized
 from .values import ValueTable
 
 __all__ = [
     "MemoryLayer",
     "PKMConfig",
     "PKMLayer",
+    "QuantizedValueTable",
     "Retrieved",
     "TableFactory",
     "UltraMemConfig",
     "UltraMemLayer",
     "ValueTable",
+    "load_quantized",
     "memory_layers",
+    "quantize_values",
     "retrieval_recall",
+    "save_quantized",
     "used_rows",
 ]
 __version__ = "0.1.0"

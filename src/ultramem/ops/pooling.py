@@ -34,16 +34,17 @@ def pool_reference(weight_ND: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.
     return torch.einsum("tkg,tkc,tkcd->tgcd", onehot_TKG, w_TKC.to(gathered_TKCD.dtype), gathered_TKCD)
 
 
-def pool_fused(weight_ND: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Tensor | None,
-               w_TKC: torch.Tensor, num_bags: int, sparse: bool = False) -> torch.Tensor:
-    """One `embedding_bag` call over all (token, chunk, bag) bags; no (T, K, dim) gather is built.
+def bag_layout(row_TK: torch.Tensor, bag_TK: torch.Tensor | None, w_TKC: torch.Tensor,
+               num_bags: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The (storage row, offsets, per-sample weight) arguments of one `embedding_bag`-style call
+    that computes every (token, chunk, bag) sum, and the number of bags G it yields per chunk.
 
     Each token's entries are stably sorted by bag so that every bag is a contiguous run; the bag
-    order is (token, chunk, bag), which the final transpose turns back into (token, bag, chunk).
+    order is (token, chunk, bag): `unbag` turns the (T * C * G, D) result back into (T, G, C, D).
+    Quantised and offloaded tables (ultramem.quantized / ultramem.offload) reuse this layout.
     """
     T, K = row_TK.shape
     C = w_TKC.shape[-1]
-    w_TKC = w_TKC.to(weight_ND.dtype)
     if bag_TK is not None and num_bags > 1:
         order_TK = torch.argsort(bag_TK, dim=1, stable=True)
         row_TK = row_TK.gather(1, order_TK)
@@ -55,12 +56,37 @@ def pool_fused(weight_ND: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Tens
         counts_TG = torch.full((T, 1), K, dtype=torch.long, device=row_TK.device)
     chunk_C = torch.arange(C, device=row_TK.device)
     idx_TCK = row_TK.unsqueeze(1) * C + chunk_C.view(1, C, 1)
-    w_TCK = w_TKC.transpose(1, 2)
     counts = counts_TG.unsqueeze(1).expand(T, C, num_bags).reshape(-1)
     offsets = torch.cumsum(counts, 0) - counts
-    out = F.embedding_bag(idx_TCK.reshape(-1), weight_ND, offsets, mode="sum",
-                          per_sample_weights=w_TCK.reshape(-1), sparse=sparse)
+    return idx_TCK.reshape(-1), offsets, w_TKC.transpose(1, 2).reshape(-1), num_bags
+
+
+def unbag(out: torch.Tensor, T: int, C: int, num_bags: int) -> torch.Tensor:
+    """(T * C * G, D) bag sums in `bag_layout` order -> (T, G, C, D)."""
     return out.view(T, C, num_bags, -1).transpose(1, 2)
+
+
+def pool_fused(weight_ND: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Tensor | None,
+               w_TKC: torch.Tensor, num_bags: int, sparse: bool = False) -> torch.Tensor:
+    """One `embedding_bag` call over all (token, chunk, bag) bags; no (T, K, dim) gather is built."""
+    T, C = row_TK.shape[0], w_TKC.shape[-1]
+    idx, offsets, psw, G = bag_layout(row_TK, bag_TK, w_TKC.to(weight_ND.dtype), num_bags)
+    out = F.embedding_bag(idx, weight_ND, offsets, mode="sum", per_sample_weights=psw, sparse=sparse)
+    return unbag(out, T, C, G)
+
+
+def pool_gathered(rows_fn, row_TK: torch.Tensor, bag_TK: torch.Tensor | None, w_TKC: torch.Tensor,
+                  num_bags: int) -> torch.Tensor:
+    """Pool from a table that is not one dense tensor (quantised, on disk, in host memory):
+    `rows_fn(uniq_U)` returns the U distinct storage rows read as a dense (U, D) tensor on the
+    indices' device, and one `embedding_bag` over that small table does the weighted sums.
+    Summation order is that of `pool_fused`, so a lossless rows_fn gives its exact result."""
+    T, C = row_TK.shape[0], w_TKC.shape[-1]
+    idx, offsets, psw, G = bag_layout(row_TK, bag_TK, w_TKC, num_bags)
+    uniq_U, inverse = torch.unique(idx, return_inverse=True)
+    dense_UD = rows_fn(uniq_U)
+    out = F.embedding_bag(inverse, dense_UD, offsets, mode="sum", per_sample_weights=psw.to(dense_UD.dtype))
+    return unbag(out, T, C, G)
 
 
 register("pool", "reference", pool_reference, reference=True)
