@@ -16,11 +16,13 @@ from .config import PKMConfig, UltraMemConfig
 from .diagnostics import retrieval_recall, used_rows
 from .layers import PKMLayer, UltraMemLayer
 from .memory import MemoryLayer, Retrieved, TableFactory, memory_layers
+from .offload import OffloadedValueTable, offload_values
 from .quantized import QuantizedValueTable, load_quantized, quantize_values, save_quantized
 from .values import ValueTable
 
 __all__ = [
     "MemoryLayer",
+    "OffloadedValueTable",
     "PKMConfig",
     "PKMLayer",
     "QuantizedValueTable",
@@ -31,6 +33,7 @@ __all__ = [
     "ValueTable",
     "load_quantized",
     "memory_layers",
+    "offload_values",
     "quantize_values",
     "retrieval_recall",
     "save_quantized",
