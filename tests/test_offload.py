@@ -48,7 +48,9 @@ def test_offloaded_model_gives_exactly_the_in_memory_logits(ffn, tmp_path):
         model.memory[0].values.staged = True  # the CUDA path's host gather, run on CPU
         assert torch.equal(model(idx)[0], want)
         model.memory[0].values.release()  # unmapping the touched pages changes nothing
-        assert torch.equal(model(idx)[0], want)
+        model.memory[0].values.staged = False
+        model.memory[0].values.map_budget = 1  # ... nor does unmapping after every lookup
+        assert torch.equal(model(idx)[0], want) and model.memory[0].values._mapped_bound == 0
 
 
 def test_layer_built_from_a_file_by_the_factory(tmp_path):

@@ -2,11 +2,13 @@
 
 A decode step reads a few dozen rows per token, so the table need not be in RAM or on the GPU:
 - where="disk": the file is memory-mapped; a CPU lookup runs `embedding_bag` straight on the
-  mapping, which touches only the pages of the rows read. The mapping is advised MADV_RANDOM and
-  the writer drops the file's page cache after writing: the kernel maps a whole cached folio on
-  a fault (up to 2 MB for a file cached by a big sequential write or readahead), so without both
-  every row read would pull megabytes into RSS. With them RSS grows by ~one page per distinct
-  row read; `release()` unmaps what was touched (the pages stay in the page cache).
+  mapping, which touches only the pages of the rows read. The mapping is advised MADV_RANDOM
+  and the file's unmapped page cache is dropped when it is opened: the kernel maps a whole cached
+  folio on a fault (up to 2 MB for a file cached by a big sequential write or readahead), so
+  without both every row read would pull megabytes into RSS (measured: ~2 MB per row read on
+  Linux 6.18). With them RSS grows by ~one page per distinct row read; `release()` unmaps
+  what was touched (the pages stay in the page cache), and happens by itself once the rows
+  read could have mapped `map_budget_mb`, so RSS stays bounded.
 - where="host": the table is read into host memory, pinned when CUDA is available.
 For indices on another device (CUDA) only the distinct rows read are gathered on the host into
 a (pinned) staging tensor and copied to the device (`ops.pooling.pool_gathered`); the same path
@@ -82,7 +84,6 @@ def write_table_file(path, shape: tuple[int, int], dtype: torch.dtype, chunks: I
                 raise ValueError(f"chunks: gave {written} bytes, shape {shape} needs {nbytes}")
             f.flush()
             os.fsync(f.fileno())
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # see the module doc
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -116,6 +117,16 @@ def read_table_header(path) -> tuple[torch.dtype, tuple[int, int], int, dict]:
     return dtype, shape, start, header.get("__metadata__", {})
 
 
+def drop_page_cache(path) -> None:
+    """Evict the file's unmapped cached pages: a later fault then caches (and maps) one page per
+    row instead of the large folios a sequential write or read left behind (see the module doc)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def map_table(path, dtype: torch.dtype, shape: tuple[int, int], start: int) -> tuple[torch.Tensor, mmap.mmap]:
     """A tensor over the file's data through a private (copy-on-write, never written) mapping."""
     nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
@@ -147,13 +158,17 @@ class OffloadedValueTable(nn.Module):
     where="host" reads it into (pinned) host memory. Inference only: it holds no parameter."""
 
     def __init__(self, path, num_rows: int, dim: int, num_chunks: int = 1, where: str = "disk",
-                 dtype: torch.dtype | None = None, staged: bool = False):
+                 dtype: torch.dtype | None = None, staged: bool = False, map_budget_mb: float | None = 256):
         super().__init__()
         if where not in WHERE:
             raise ValueError(f"where: must be one of {WHERE} (got {where!r})")
         if dim % num_chunks:
             raise ValueError(f"dim: must be divisible by num_chunks={num_chunks} (got {dim})")
         self.path, self.where, self.staged = Path(path), where, staged
+        # where="disk": unmap the touched pages (`release`) once the rows read since the last
+        # release could have mapped this much (an upper bound: every row read on fresh pages)
+        self.map_budget = None if map_budget_mb is None else int(map_budget_mb * 2 ** 20)
+        self._mapped_bound = 0
         self.num_rows, self.dim, self.num_chunks = num_rows, dim, num_chunks
         self.chunk_dim = dim // num_chunks
         self.sparse, self.lookup, self.read_counts = False, "fused", None  # ValueTable's attributes
@@ -169,7 +184,9 @@ class OffloadedValueTable(nn.Module):
             self.host = read_table(self.path, file_dtype, shape, start, pin=torch.cuda.is_available())
             self._mmap = None
         else:
+            drop_page_cache(self.path)
             self.host, self._mmap = map_table(self.path, file_dtype, shape, start)
+        self._row_pages = 1 + -(-self.bytes_per_row() // mmap.PAGESIZE)
 
     @classmethod
     def factory(cls, path, **kwargs):
@@ -192,6 +209,14 @@ class OffloadedValueTable(nn.Module):
         """Unmap the pages touched so far (RSS drops; the page cache keeps them for the next read)."""
         if self._mmap is not None:
             self._mmap.madvise(mmap.MADV_DONTNEED)
+        self._mapped_bound = 0
+
+    def _count_mapped(self, rows: int) -> None:
+        if self._mmap is None or self.map_budget is None:
+            return
+        self._mapped_bound += rows * self._row_pages * mmap.PAGESIZE
+        if self._mapped_bound > self.map_budget:
+            self.release()
 
     def _gather_rows(self, uniq_U: torch.Tensor) -> torch.Tensor:
         """The distinct rows read, gathered on the host into a (pinned) tensor, on uniq's device."""
@@ -210,8 +235,10 @@ class OffloadedValueTable(nn.Module):
         w_TKC = w_TKC.to(self.dtype)
         if row_TK.device.type == "cpu" and not self.staged:
             out = pool_fused(self.host, row_TK, bag_TK, w_TKC, num_bags)
+            self._count_mapped(row_TK.numel())
         else:
             out = pool_gathered(self._gather_rows, row_TK, bag_TK, w_TKC, num_bags)
+            self._count_mapped(row_TK.numel())
         return out.reshape(row_TK.shape[0], num_bags, self.dim)
 
     def extra_repr(self) -> str:
