@@ -67,7 +67,7 @@ def write_table_file(path, shape: tuple[int, int], dtype: torch.dtype, chunks: I
     header = {TENSOR: {"dtype": _dtype_name(dtype), "shape": list(shape), "data_offsets": [0, nbytes]},
               "__metadata__": dict(metadata or {})}
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data start stays 8-byte aligned
+    blob += b" " * (-(8 + len(blob)) % mmap.PAGESIZE)  # data page-aligned: a row spans fewest pages
     tmp = path.with_name(f".{path.name}.tmp")
     written = 0
     try:
@@ -186,7 +186,9 @@ class OffloadedValueTable(nn.Module):
         else:
             drop_page_cache(self.path)
             self.host, self._mmap = map_table(self.path, file_dtype, shape, start)
-        self._row_pages = 1 + -(-self.bytes_per_row() // mmap.PAGESIZE)
+        row_bytes, page = self.bytes_per_row(), mmap.PAGESIZE
+        aligned = start % page == 0 and page % row_bytes == 0  # then no row straddles two pages
+        self._row_pages = -(-row_bytes // page) + (0 if aligned else 1)
 
     @classmethod
     def factory(cls, path, **kwargs):
