@@ -166,9 +166,9 @@ class QuantizedValueTable(nn.Module):
         if self.training and torch.is_grad_enabled():
             raise RuntimeError(_TRAIN_ERROR)
         if self.kind == "fp8":
-            out = pool_gathered(lambda u: dequantize_rows(self.packed.index_select(0, u), "fp8",
-                                                          self.chunk_dim, self.scale.index_select(0, u)),
-                                row_TK, bag_TK, w_TKC, num_bags)
+            # the per-row scale rides on the entry weights: one conversion pass over the rows read
+            out = pool_gathered(lambda u: self.packed.index_select(0, u).float(), row_TK, bag_TK, w_TKC,
+                                num_bags, row_scale_N=self.scale)
         else:
             op = f"pool_{self.kind}"
             fn = dispatch.implementations(op)["dequantize_gathered"] if impl == "reference" else \

@@ -76,16 +76,21 @@ def pool_fused(weight_ND: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Tens
 
 
 def pool_gathered(rows_fn, row_TK: torch.Tensor, bag_TK: torch.Tensor | None, w_TKC: torch.Tensor,
-                  num_bags: int) -> torch.Tensor:
+                  num_bags: int, row_scale_N: torch.Tensor | None = None) -> torch.Tensor:
     """Pool from a table that is not one dense tensor (quantised, on disk, in host memory):
     `rows_fn(uniq_U)` returns the U distinct storage rows read as a dense (U, D) tensor on the
     indices' device, and one `embedding_bag` over that small table does the weighted sums.
-    Summation order is that of `pool_fused`, so a lossless rows_fn gives its exact result."""
+    row_scale_N (optional, per storage row) multiplies each entry's weight: a per-row scale folded
+    into the weights instead of a pass over the rows. Summation order is that of `pool_fused`, so
+    a lossless rows_fn (and no scale) gives its exact result."""
     T, C = row_TK.shape[0], w_TKC.shape[-1]
     idx, offsets, psw, G = bag_layout(row_TK, bag_TK, w_TKC, num_bags)
     uniq_U, inverse = torch.unique(idx, return_inverse=True)
     dense_UD = rows_fn(uniq_U)
-    out = F.embedding_bag(inverse, dense_UD, offsets, mode="sum", per_sample_weights=psw.to(dense_UD.dtype))
+    psw = psw.to(dense_UD.dtype)
+    if row_scale_N is not None:
+        psw = psw * row_scale_N.index_select(0, idx).to(dense_UD.dtype)
+    out = F.embedding_bag(inverse, dense_UD, offsets, mode="sum", per_sample_weights=psw)
     return unbag(out, T, C, G)
 
 
