@@ -26,7 +26,6 @@ Shape legend: B batch (sequences, one new token each), D model width.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess
@@ -191,7 +190,7 @@ def quality_part(run: str) -> dict:
     amp = autocast_for(tc.dtype, torch.device("cpu"))
     out = {"checkpoint": str(ckpt.path), "step": ckpt.step}
     for kind in ("fp32", "bf16", *KINDS):
-        m = copy.deepcopy(model)
+        m = load_run(run, "cpu")[0]  # a fresh load each (a deepcopy trips the Tucker-refresh check)
         if kind == "bf16":
             for layer in memory_layers(m):
                 layer.values.to(torch.bfloat16)
