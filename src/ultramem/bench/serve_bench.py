@@ -56,7 +56,7 @@ def bytes_per_row(table) -> int:
     return table.dim * table.weight.element_size()
 
 
-def make_tables(layer: UltraMemLayer, tmp: Path) -> dict:
+def make_tables(layer: UltraMemLayer, tmp: Path, map_budget_mb: float) -> dict:
     base = layer.values
     bf16 = ValueTable(base.num_rows, base.dim, base.num_chunks)
     bf16.weight = torch.nn.Parameter(base.weight.detach().bfloat16(), requires_grad=False)
@@ -64,7 +64,8 @@ def make_tables(layer: UltraMemLayer, tmp: Path) -> dict:
     tables.update({k: QuantizedValueTable.from_table(base, k) for k in KINDS})
     path = save_table(base, tmp / "bench.values.safetensors")
     for name, staged in (("offloaded", False), ("offloaded_staged", True)):
-        tables[name] = OffloadedValueTable(path, base.num_rows, base.dim, base.num_chunks, staged=staged)
+        tables[name] = OffloadedValueTable(path, base.num_rows, base.dim, base.num_chunks, staged=staged,
+                                           map_budget_mb=map_budget_mb)
     return {n: t.eval() for n, t in tables.items()}
 
 
@@ -108,7 +109,7 @@ def layer_part(a) -> list[dict]:
     gen, clock = torch.Generator().manual_seed(0), common.Clock(torch.device("cpu"))
     out = []
     with tempfile.TemporaryDirectory(dir=a.out) as tmp, torch.inference_mode():
-        tables = make_tables(layer, Path(tmp))
+        tables = make_tables(layer, Path(tmp), a.map_budget_mb)
         for B in a.batches:
             res = time_batch(layer, tables, B, a, gen, clock)
             ref = next(r for r in res if r["table"] == "fp32")
@@ -143,7 +144,8 @@ def ensure_big_file(path: Path, num_keys: int, value_dim: int, cores: int = 2) -
 def run_worker(path: Path, mode: str, a) -> dict:
     cmd = [sys.executable, "-m", "ultramem.bench.serve_big", "--file", str(path), "--mode", mode,
            "--batches", ",".join(map(str, a.big_batches)), "--num-keys", str(a.big_keys),
-           "--value-dim", str(BIG["value_dim"]), "--budget-s", str(a.budget_s)]
+           "--value-dim", str(BIG["value_dim"]), "--budget-s", str(a.budget_s),
+           "--map-budget-mb", str(a.map_budget_mb)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     if res.returncode:
@@ -209,22 +211,27 @@ def quality_part(run: str) -> dict:
 def targets(layer_rows: list[dict], big: dict | None, quality: dict | None) -> dict:
     int8 = [r for r in layer_rows if r["table"] == "int8"]
     small = [r for r in int8 if r["B"] <= 64]
-    t = {"int8_bytes_ratio": max(r["bytes_vs_fp32"] for r in int8),
-         "int8_step_ratio_max_B1_64": max(r["step_vs_fp32"] for r in small),
-         "int8_pool_ratio_max_B1_64": max(r["pool_vs_fp32"] for r in small)}
+    t = {}
+    if int8:
+        t = {"int8_bytes_ratio": max(r["bytes_vs_fp32"] for r in int8),
+             "int8_step_ratio_max_B1_64": max(r["step_vs_fp32"] for r in small),
+             "int8_pool_ratio_max_B1_64": max(r["pool_vs_fp32"] for r in small)}
     if quality:
         t["int8_val_loss_delta"] = quality["int8"]["val_loss_delta"]
     if big:
         t["big_peak_rss_MB"] = big["disk"]["end"]["rss_peak_MB"]
+        # the layer's IVE permutation (E * N int64) is not the table: shown apart
+        t["big_peak_rss_minus_perm_MB"] = t["big_peak_rss_MB"] - big["disk"]["perm_MB"]
         if big.get("both"):
             b1 = big["both"]["batches"][min(big["both"]["batches"], key=int)]
             t["big_B1_offloaded_vs_in_memory"] = b1["offloaded"] / b1["in_memory"]
+            t["big_B1_offloaded_vs_in_memory_cpu"] = b1["offloaded_cpu"] / b1["in_memory_cpu"]
     return t
 
 
 def markdown(layer_rows: list[dict], big: dict | None, quality: dict | None) -> str:
     f = common.fmt_num
-    parts = [common.markdown_table(
+    parts = [] if not layer_rows else [common.markdown_table(
         ["B", "table", "step ms (wall)", "step CPU ms", "x fp32", "lookup CPU ms", "x fp32", "value KB/step",
          "x fp32"],
         [[r["B"], r["table"], f(r["step_ms"]), f(r["step_cpu_ms"]), f(r["step_vs_fp32"]), f(r["pool_cpu_ms"]),
@@ -251,6 +258,9 @@ def parse(argv):
     p.add_argument("--quick", action="store_true", help="fewer batches, short budgets, a 1M-value big table")
     p.add_argument("--checkpoint", help="trained run dir / checkpoint for the quality part")
     p.add_argument("--skip-big", action="store_true")
+    p.add_argument("--skip-layer", action="store_true", help="only the big table (and quality)")
+    p.add_argument("--map-budget-mb", type=float, default=256,
+                   help="offloaded tables unmap touched pages past this (OffloadedValueTable)")
     p.add_argument("--big-keys", type=int, default=BIG["num_keys"], help="big table: num_keys^2 values")
     p.add_argument("--big-file", help="where to write (and keep) the big table file")
     p.add_argument("--keep-big-file", action="store_true")
@@ -269,7 +279,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    layer_rows = layer_part(a)
+    layer_rows = [] if a.skip_layer else layer_part(a)
     big = None if a.skip_big else big_part(a)
     quality = quality_part(a.checkpoint) if a.checkpoint else None
     md = markdown(layer_rows, big, quality)
