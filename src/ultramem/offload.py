@@ -14,12 +14,13 @@ For indices on another device (CUDA) only the distinct rows read are gathered on
 a (pinned) staging tensor and copied to the device (`ops.pooling.pool_gathered`); the same path
 runs on CPU with `staged=True` (how the tests check it without a GPU).
 
-Files are plain safetensors with one tensor "weight" of shape (N * C, D / C), written chunk by
+Files are plain safetensors with one tensor "weight" of shape (N, Dc), written chunk by
 chunk (`write_table_file`), so a table larger than RAM can be generated; a file that is
 truncated, or whose shape or dtype does not fit the layer, is refused with a ValueError naming it.
 
-Shape legend: T tokens, K kept entries per token, G bags per token, C chunks, N storage rows
-(physical rows * C), D chunk width, U distinct storage rows read.
+Shape legend (the package's, see `ultramem/__init__.py`, plus local letters): T tokens, K kept
+entries per token, G bags per token (IVE blocks), C chunks, N storage rows (value rows * C);
+local: Dc chunk width (Dv / C), U distinct storage rows read.
 """
 
 from __future__ import annotations

@@ -3,20 +3,21 @@ operators) and fp8 (float8_e4m3fn with one scale per row). Inference only.
 
 A `QuantizedValueTable` is a drop-in for `ValueTable` (`pool`, `num_rows`, `dim`, `num_chunks`):
 `quantize_values(model, "int8")` swaps every memory layer's table for one in place. The table is
-stored as (N * C, D / C) like `ValueTable`, and every storage row (one chunk of one physical row)
+stored as (rows * C, Dv / C) like `ValueTable`, and every storage row (one chunk of one physical row)
 is quantised with its own scale and offset, so an MCS chunk never shares a scale with another.
 
 Packed row formats (those of `torch.ops.quantized.embedding_bag_*_prepack`):
-    int8  D/C uint8 codes, then fp32 scale and fp32 bias        (D/C + 8 bytes)
-    int4  D/C / 2 bytes (two codes each, low nibble first), fp16 scale, fp16 bias  (D/C / 2 + 4)
-    fp8   D/C float8_e4m3fn values in `packed`, fp32 scale in `scale`              (D/C + 4)
+    int8  Dc uint8 codes, then fp32 scale and fp32 bias                          (Dc + 8 bytes)
+    int4  Dc / 2 bytes (two codes each, low nibble first), fp16 scale, fp16 bias  (Dc / 2 + 4)
+    fp8   Dc float8_e4m3fn values in `packed`, fp32 scale in `scale`              (Dc + 4)
 On CPU int8 / int4 pool with the fused quantised embedding-bag operators; elsewhere (and fp8
 everywhere) the distinct rows read are dequantised into a small dense table and pooled
 (`ops.pooling.pool_gathered`). `save_quantized` / `load_quantized` write / read a quantised
 LanguageModel as one safetensors file (no pickle).
 
-Shape legend: T tokens, K kept entries per token, G bags per token, C chunks, N storage rows
-(physical rows * C), D chunk width, U distinct storage rows read.
+Shape legend (the package's, see `ultramem/__init__.py`, plus local letters): T tokens, K kept
+entries per token, G bags per token (IVE blocks), C chunks, N storage rows (value rows * C);
+local: Dc chunk width (Dv / C), U distinct storage rows read, Y bytes (fp8: entries) of a packed row.
 """
 
 from __future__ import annotations
@@ -49,29 +50,29 @@ def packed_width(kind: str, width: int) -> int:
     return {"int8": width + 8, "int4": width // 2 + 4, "fp8": width}[kind]
 
 
-def _reinterpret(bytes_UB: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _reinterpret(tail_UY: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Trailing bytes of packed rows read as `dtype` (a fresh copy: the view needs alignment)."""
-    return bytes_UB.reshape(-1).clone().view(dtype).view(bytes_UB.shape[0], -1)
+    return tail_UY.reshape(-1).clone().view(dtype).view(tail_UY.shape[0], -1)
 
 
-def dequantize_rows(packed_UP: torch.Tensor, kind: str, width: int,
+def dequantize_rows(packed_UY: torch.Tensor, kind: str, width: int,
                     scale_U: torch.Tensor | None = None) -> torch.Tensor:
     """Packed rows -> (U, width) fp32 in plain torch ops (any device; the gathered path)."""
     if kind == "fp8":
-        return packed_UP.float() * scale_U.unsqueeze(-1)
+        return packed_UY.float() * scale_U.unsqueeze(-1)
     if kind == "int8":
-        codes_UD = packed_UP[:, :width].float()
-        tail = _reinterpret(packed_UP[:, width:], torch.float32)
+        codes_UDc = packed_UY[:, :width].float()
+        tail = _reinterpret(packed_UY[:, width:], torch.float32)
     else:
-        half = packed_UP[:, : width // 2]
-        codes_UD = torch.stack([half & 15, half >> 4], dim=-1).reshape(-1, width).float()
-        tail = _reinterpret(packed_UP[:, width // 2:], torch.float16).float()
-    return codes_UD * tail[:, :1] + tail[:, 1:2]
+        half = packed_UY[:, : width // 2]
+        codes_UDc = torch.stack([half & 15, half >> 4], dim=-1).reshape(-1, width).float()
+        tail = _reinterpret(packed_UY[:, width // 2:], torch.float16).float()
+    return codes_UDc * tail[:, :1] + tail[:, 1:2]
 
 
-def quantize_rows(weight_ND: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(N, D) float table -> (packed, scale or None), on the table's device."""
-    w = weight_ND.detach().float()
+def quantize_rows(weight_NDc: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, Dc) float table -> (packed, scale or None), on the table's device."""
+    w = weight_NDc.detach().float()
     if kind == "fp8":
         scale_N = (w.abs().amax(dim=1) / torch.finfo(_FP8).max).clamp_min(1e-12)
         return (w / scale_N.unsqueeze(-1)).to(_FP8), scale_N
@@ -83,17 +84,17 @@ def quantize_rows(weight_ND: torch.Tensor, kind: str) -> tuple[torch.Tensor, tor
 # ---------------------------------------------------------------- pooling ops (ops.dispatch)
 
 def _pool_dequant(kind: str):
-    def fn(packed_NP, row_TK, bag_TK, w_TKC, num_bags, width):
-        return pool_gathered(lambda u: dequantize_rows(packed_NP.index_select(0, u), kind, width),
+    def fn(packed_NY, row_TK, bag_TK, w_TKC, num_bags, width):
+        return pool_gathered(lambda u: dequantize_rows(packed_NY.index_select(0, u), kind, width),
                              row_TK, bag_TK, w_TKC, num_bags)
     return fn
 
 
 def _pool_op(op):
-    def fn(packed_NP, row_TK, bag_TK, w_TKC, num_bags, width):
+    def fn(packed_NY, row_TK, bag_TK, w_TKC, num_bags, width):
         T, C = row_TK.shape[0], w_TKC.shape[-1]
         idx, offsets, psw, G = bag_layout(row_TK, bag_TK, w_TKC.float(), num_bags)
-        out = op(packed_NP, idx, offsets, False, 0, False, psw)
+        out = op(packed_NY, idx, offsets, False, 0, False, psw)
         return unbag(out, T, C, G)
     return fn
 
@@ -133,7 +134,7 @@ class QuantizedValueTable(nn.Module):
 
     @classmethod
     def from_table(cls, table: nn.Module, kind: str) -> QuantizedValueTable:
-        """Quantise a `ValueTable` (anything with a (N * C, D / C) `weight`), on its device."""
+        """Quantise a `ValueTable` (anything with an (N, Dc) `weight`), on its device."""
         q = cls(table.num_rows, table.dim, table.num_chunks, kind)
         packed, scale = quantize_rows(table.weight, kind)
         q.packed = packed
@@ -147,7 +148,7 @@ class QuantizedValueTable(nn.Module):
         return self.num_chunks * per_chunk
 
     def dequantize(self) -> torch.Tensor:
-        """The whole table as (N * C, D / C) fp32 (what the lookups compute with; for tests)."""
+        """The whole table as (N, Dc) fp32 (what the lookups compute with; for tests)."""
         if self.packed.device.type == "cpu" and self.kind != "fp8":
             unpack = (torch.ops.quantized.embedding_bag_byte_unpack if self.kind == "int8"
                       else torch.ops.quantized.embedding_bag_4bit_unpack)

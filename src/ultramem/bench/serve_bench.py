@@ -184,7 +184,9 @@ def big_part(a) -> dict:
 def quality_part(run: str) -> dict:
     """Val loss / fact recall of a trained run with its tables as fp32, bf16 and each quantisation."""
     from ..data import DataConfig, prepare_data
-    from ..train import TrainConfig, autocast_for, evaluate, load_run
+    from ..eval import evaluate
+    from ..runs import load_run
+    from ..train import TrainConfig, autocast_for
 
     model, run_cfg, _, ckpt = load_run(run, "cpu")
     tc = TrainConfig(**{**run_cfg["train"], "device": "cpu"})

@@ -5,6 +5,7 @@ Shape legend (suffixes on tensor names):
     G  bags per token (IVE blocks; 1 for PKM)
     C  value chunks (MCS cores h)            D  chunk width (D_v / h)
     N  storage rows of the table (physical rows * C)
+    U  distinct storage rows read (pool_gathered)
 
 Semantics, shared by every implementation:
     out_TGCD[t, g, c] = sum over k with bag_TK[t, k] == g of  w_TKC[t, k, c] * W[row_TK[t, k] * C + c]
