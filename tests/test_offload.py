@@ -7,7 +7,7 @@ from safetensors import safe_open
 from test_quantized import SHAPES, make_lookup, pkm_layer, tiny_lm, um_layer
 
 from ultramem import OffloadedValueTable, ValueTable, offload_values
-from ultramem.offload import read_table_header, save_table, write_table_file
+from ultramem.offload import MapBudget, read_table_header, save_table, write_table_file
 
 MODES = [dict(where="disk"), dict(where="disk", staged=True), dict(where="host"),
          dict(where="host", staged=True)]
@@ -48,9 +48,24 @@ def test_offloaded_model_gives_exactly_the_in_memory_logits(ffn, tmp_path):
         model.memory[0].values.staged = True  # the CUDA path's host gather, run on CPU
         assert torch.equal(model(idx)[0], want)
         model.memory[0].values.release()  # unmapping the touched pages changes nothing
-        model.memory[0].values.staged = False
-        model.memory[0].values.map_budget = 1  # ... nor does unmapping after every lookup
-        assert torch.equal(model(idx)[0], want) and model.memory[0].values._mapped_bound == 0
+        v = model.memory[0].values  # ... nor does unmapping after every lookup
+        model.memory[0].values = OffloadedValueTable(v.path, v.num_rows, v.dim, v.num_chunks,
+                                                     map_budget_mb=1e-6)
+        assert torch.equal(model(idx)[0], want) and model.memory[0].values._budget.estimate == 0
+
+
+def test_map_budget_learns_when_the_kernel_maps_more_than_a_page_per_row():
+    rss = [0]
+    budget = MapBudget(64 << 20, 4096, rss_fn=lambda: rss[0])
+    assert not budget.add(100)  # 400 KB estimated, below the first checkpoint (1 MB)
+    rss[0] = 200 * (2 << 20)  # the kernel mapped a 2 MB folio for each of 200 rows
+    assert budget.add(156)  # the checkpoint reads 400 MB mapped: over budget, release now
+    assert budget.row_bytes >= 400 * 4096  # and later lookups are charged what a row really maps
+    rss[0] = 0
+    budget.reset()
+    assert budget.add(50)  # 50 rows x ~1.6 MB: over the 64 MB budget at once
+    plain = MapBudget(64 << 20, 4096, rss_fn=lambda: 0)
+    assert not any(plain.add(1000) for _ in range(16)) and plain.add(1000)  # 64 MB at 16,384 rows
 
 
 def test_layer_built_from_a_file_by_the_factory(tmp_path):

@@ -154,6 +154,44 @@ def read_table(path, dtype: torch.dtype, shape: tuple[int, int], start: int, pin
 
 # ---------------------------------------------------------------- the table
 
+def file_rss_bytes() -> int:
+    """Resident file-backed (+ shared) bytes of this process (/proc/self/statm; 0 without /proc)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[2]) * mmap.PAGESIZE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+class MapBudget:
+    """When a memory-mapped table should unmap its touched pages. Each lookup adds an estimate of
+    what it mapped (rows x the pages a row spans); at doubling checkpoints the process's
+    file-backed RSS is read (one /proc read) and, if the kernel mapped more per row than that
+    (whole large folios of a page cache filled by another process's sequential read), the
+    per-row estimate is scaled up to match, so the budget holds then too."""
+
+    def __init__(self, budget: int, row_bytes: int, rss_fn=file_rss_bytes):
+        self.budget, self.row_bytes, self.rss_fn = budget, row_bytes, rss_fn
+        self.reset()
+
+    def reset(self) -> None:
+        self.estimate, self.check_at, self.base = 0, self.budget // 64, self.rss_fn()
+
+    def add(self, rows: int) -> bool:
+        """Count a lookup of `rows` rows; True when the pages should be released now."""
+        self.estimate += rows * self.row_bytes
+        if self.estimate < self.check_at:
+            return False
+        mapped = self.rss_fn() - self.base
+        if mapped > self.estimate:
+            self.row_bytes *= mapped / self.estimate
+            self.estimate = mapped
+        if self.estimate >= self.budget:
+            return True
+        self.check_at = min(self.budget, 2 * self.estimate)
+        return False
+
+
 class OffloadedValueTable(nn.Module):
     """A value table served from `path` (see the module doc): where="disk" maps the file,
     where="host" reads it into (pinned) host memory. Inference only: it holds no parameter."""
@@ -166,10 +204,6 @@ class OffloadedValueTable(nn.Module):
         if dim % num_chunks:
             raise ValueError(f"dim: must be divisible by num_chunks={num_chunks} (got {dim})")
         self.path, self.where, self.staged = Path(path), where, staged
-        # where="disk": unmap the touched pages (`release`) once the rows read since the last
-        # release could have mapped this much (an upper bound: every row read on fresh pages)
-        self.map_budget = None if map_budget_mb is None else int(map_budget_mb * 2 ** 20)
-        self._mapped_bound = 0
         self.num_rows, self.dim, self.num_chunks = num_rows, dim, num_chunks
         self.chunk_dim = dim // num_chunks
         self.sparse, self.lookup, self.read_counts = False, "fused", None  # ValueTable's attributes
@@ -187,9 +221,12 @@ class OffloadedValueTable(nn.Module):
         else:
             drop_page_cache(self.path)
             self.host, self._mmap = map_table(self.path, file_dtype, shape, start)
+        # where="disk": unmap the touched pages (`release`) once they may exceed map_budget_mb
         row_bytes, page = self.bytes_per_row(), mmap.PAGESIZE
         aligned = start % page == 0 and page % row_bytes == 0  # then no row straddles two pages
-        self._row_pages = -(-row_bytes // page) + (0 if aligned else 1)
+        pages = -(-row_bytes // page) + (0 if aligned else 1)
+        self._budget = (MapBudget(int(map_budget_mb * 2 ** 20), pages * page)
+                        if self._mmap is not None and map_budget_mb is not None else None)
 
     @classmethod
     def factory(cls, path, **kwargs):
@@ -212,13 +249,11 @@ class OffloadedValueTable(nn.Module):
         """Unmap the pages touched so far (RSS drops; the page cache keeps them for the next read)."""
         if self._mmap is not None:
             self._mmap.madvise(mmap.MADV_DONTNEED)
-        self._mapped_bound = 0
+        if self._budget is not None:
+            self._budget.reset()
 
     def _count_mapped(self, rows: int) -> None:
-        if self._mmap is None or self.map_budget is None:
-            return
-        self._mapped_bound += rows * self._row_pages * mmap.PAGESIZE
-        if self._mapped_bound > self.map_budget:
+        if self._budget is not None and self._budget.add(rows):
             self.release()
 
     def _gather_rows(self, uniq_U: torch.Tensor) -> torch.Tensor:
