@@ -143,3 +143,19 @@ def test_grid_topm_matches_reference(X, H, R, Q, frac, additive, seed):
     grid = summed_grid(sr, sc, core).flatten(-2)
     assert (got.sort(-1).values.diff(dim=-1) > 0).all()
     close(grid.gather(-1, got), grid.gather(-1, want), torch.float32)  # best first, same values
+
+
+def test_search_kernels_in_a_layer_match_the_full_path(monkeypatch):
+    """The stage-1 and grid kernels in place of the CPU search inside a real layer (eval, no grad)."""
+    torch.manual_seed(0)
+    cfg = UltraMemConfig(dim=32, num_keys=6, key_dim=8, value_dim=16, topk=4, stage1_topk=4)
+    layer = UltraMemLayer(cfg).to(DEVICE).eval()
+    x = torch.randn(2, 3, 32, device=DEVICE)
+    full = layer.retrieve(x)  # grad enabled: the full score matrix and the torch search
+    for op, fn in (("stage1_topk", lambda q, k, ut, m1, cache=None: stage1_topk_triton(q, k, ut, m1)),
+                   ("grid_topm", grid_topm_triton)):
+        monkeypatch.setitem(dispatch._REGISTRY, op, [dispatch.Impl("triton-test", fn, lambda _t: True)])
+    with torch.no_grad():
+        fast = layer.retrieve(x)
+    assert torch.equal(fast.indices, full.indices)
+    close(fast.scores, full.scores.detach(), torch.float32)

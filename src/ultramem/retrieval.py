@@ -36,6 +36,7 @@ from torch import nn
 from .config import UltraMemConfig
 from .memory import Retrieved
 from .ops.scoring import score_keys
+from .ops.search import Stage1Cache, grid_topm, stage1_topk, summed_grid
 from .ops.topk import topk_indices
 
 
@@ -101,6 +102,7 @@ class TuckerRetrieval(nn.Module):
         self._cores_version = -1  # cores._version at the last refresh; forces a refresh on first use
         self._cores_ptr = 0  # cores.data_ptr() then: a copy/.to() makes a new tensor (version 0)
         self._key_cache: tuple[tuple, torch.Tensor] | None = None  # (stamp, key matrix), no-grad only
+        self._stage1_cache: Stage1Cache | None = None  # layouts derived from the cached key matrix
         self._warned_stale = False
         # A module-level function, not a lambda: the layer must stay picklable (torch.save(layer)).
         self.register_load_state_dict_post_hook(_refresh_after_load)
@@ -184,8 +186,8 @@ class TuckerRetrieval(nn.Module):
     @torch.no_grad()
     def refresh_tucker(self, force: bool = False) -> None:
         """Recompute the stage-1 singular vectors u, t of the summed cores (fp32 SVD, no gradient)."""
-        if force:
-            self._key_cache = None  # once per optimiser step: never trust a cache across updates
+        if force:  # once per optimiser step: never trust a cache across updates
+            self._key_cache = self._stage1_cache = None
         # Buffers made under inference mode can only be written inside it (they then hold no grad).
         with torch.inference_mode(self.u.is_inference()):
             if self.cores is None:
@@ -229,7 +231,7 @@ class TuckerRetrieval(nn.Module):
         per optimiser step) drops it too.
         """
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            self._key_cache = None
+            self._key_cache = self._stage1_cache = None
             return self._build_key_matrix()
         params = (self.keys_row, self.keys_col, self.k_row_norm, self.k_col_norm, self.q_row_norm,
                   self.q_col_norm)
@@ -242,8 +244,8 @@ class TuckerRetrieval(nn.Module):
                 self._key_cache = (stamp, self._build_key_matrix())
         return self._key_cache[1]
 
-    def _scores(self, x_BTD: torch.Tensor, conv_state: ConvState | None = None) -> torch.Tensor:
-        """Row and column scores of every key against the shared query: (S, B, T, H, R, P)."""
+    def _query(self, x_BTD: torch.Tensor, conv_state: ConvState | None = None) -> torch.Tensor:
+        """The normed (row | col) query halves of every token: (B*T, S, Dk)."""
         cfg = self.cfg
         if self.conv is not None:
             # Causal: two steps on the left (zeros, or the previous inputs when decoding step by
@@ -260,9 +262,13 @@ class TuckerRetrieval(nn.Module):
             x_BTD = self.conv(x_BDT).transpose(1, 2)
         B, T, _ = x_BTD.shape
         q_NSK = self.w_q(x_BTD).reshape(B * T, 2, cfg.key_dim)  # (row | col) halves of W_q x
-        q_NSK = _norm(q_NSK, None, cfg.norm)  # gains live in the key matrix
-        keys_SKJ = self._key_matrix()
-        s_SNJ = score_keys(q_NSK, keys_SKJ)
+        return _norm(q_NSK, None, cfg.norm)  # gains live in the key matrix
+
+    def _scores(self, x_BTD: torch.Tensor, conv_state: ConvState | None = None) -> torch.Tensor:
+        """Row and column scores of every key against the shared query: (S, B, T, H, R, P)."""
+        cfg = self.cfg
+        B, T, _ = x_BTD.shape
+        s_SNJ = score_keys(self._query(x_BTD, conv_state), self._key_matrix())
         return s_SNJ.view(2, B, T, cfg.heads, cfg.tucker_rank, cfg.keys_per_side)
 
     def row_col_scores(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,13 +280,41 @@ class TuckerRetrieval(nn.Module):
                 conv_state: ConvState | None = None) -> Retrieved:
         if not torch.compiler.is_compiling():
             self._check_fresh()
+        if self._search_only(exact):
+            return self._forward_search_only(x_BTD, conv_state)
         s_SBTHRP = self._scores(x_BTD, conv_state)
         if exact or self.cfg.topm_search == "exact":
             row_BTHM, col_BTHM = self._select_exact(s_SBTHRP)
         else:
             row_BTHM, col_BTHM = self._select_two_stage(s_SBTHRP)
-        scores_BTHMC = self._core_scores(s_SBTHRP, row_BTHM, col_BTHM)
+        idx_SBTHM = torch.stack((row_BTHM, col_BTHM))
+        kept_SBTHRM = s_SBTHRP.gather(-1, _expand_rank(idx_SBTHM, s_SBTHRP.shape[-2]))
+        scores_BTHMC = self._core_scores(kept_SBTHRM)
         return Retrieved(row_BTHM * self.cfg.keys_per_side + col_BTHM, scores_BTHMC)
+
+    def _search_only(self, exact: bool) -> bool:
+        """Without autograd the per-rank scores are needed for the stage-1 winners only, so the
+        (S, N, J) score matrix is never built (`ops.stage1_topk`): decode and eval."""
+        return (not exact and self.cfg.topm_search == "rank1" and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling())
+
+    def _forward_search_only(self, x_BTD: torch.Tensor, conv_state: ConvState | None) -> Retrieved:
+        """The two-stage search from the stage-1 winners' scores alone (same maths as forward)."""
+        cfg, (B, T, _) = self.cfg, x_BTD.shape
+        m1, H = cfg.m1, cfg.heads
+        if self._stage1_cache is None:
+            self._stage1_cache = Stage1Cache()
+        ut_SHR = torch.stack((self.u, self.t))
+        cand_SNHQ, cand_SNHRQ = stage1_topk(self._query(x_BTD, conv_state), self._key_matrix(), ut_SHR,
+                                            m1, self._stage1_cache)
+        core_HRR = None if self.cores is None else self.cores.sum(1)
+        flat_NHM = grid_topm(cand_SNHRQ[0], cand_SNHRQ[1], core_HRR, cfg.topk)
+        pos_SNHM = torch.stack((flat_NHM // m1, flat_NHM % m1))
+        idx_SNHM = cand_SNHQ.gather(-1, pos_SNHM)
+        kept_SNHRM = cand_SNHRQ.gather(-1, _expand_rank(pos_SNHM, cand_SNHRQ.shape[-2]))
+        scores_NHMC = self._core_scores(kept_SNHRM)
+        idx_NHM = idx_SNHM[0] * cfg.keys_per_side + idx_SNHM[1]
+        return Retrieved(idx_NHM.view(B, T, H, -1), scores_NHMC.view(B, T, H, cfg.topk, -1))
 
     @torch.no_grad()
     def _select_two_stage(self, s_SBTHRP):
@@ -299,8 +333,8 @@ class TuckerRetrieval(nn.Module):
         else:
             cand_SBTHQ = topk_indices(proxy_SBTHP, m1, sorted=False)
         cand_SBTHRQ = s_SBTHRP.gather(-1, _expand_rank(cand_SBTHQ, s_SBTHRP.shape[-2]))
-        grid_BTHQQ = self._summed_grid(cand_SBTHRQ[0], cand_SBTHRQ[1])
-        flat_BTHM = topk_indices(grid_BTHQQ.flatten(-2), m, sorted=True)
+        core_HRR = None if self.cores is None else self.cores.sum(1)
+        flat_BTHM = grid_topm(cand_SBTHRQ[0], cand_SBTHRQ[1], core_HRR, m)
         row_BTHM = cand_SBTHQ[0].gather(-1, flat_BTHM // m1)
         col_BTHM = cand_SBTHQ[1].gather(-1, flat_BTHM % m1)
         return row_BTHM, col_BTHM
@@ -308,21 +342,14 @@ class TuckerRetrieval(nn.Module):
     @torch.no_grad()
     def _select_exact(self, s_SBTHRP):
         P = self.cfg.keys_per_side
-        grid_BTHPP = self._summed_grid(s_SBTHRP[0], s_SBTHRP[1])
+        core_HRR = None if self.cores is None else self.cores.sum(1)
+        grid_BTHPP = summed_grid(s_SBTHRP[0], s_SBTHRP[1], core_HRR)
         flat_BTHM = grid_BTHPP.flatten(-2).topk(self.cfg.topk, dim=-1).indices
         return flat_BTHM // P, flat_BTHM % P
 
-    def _summed_grid(self, sr_BTHRQ, sc_BTHRQ):
-        """Summed-core bilinear scores of every (row, column) pair: (B, T, H, Q, Q)."""
-        if self.cores is None:
-            return sr_BTHRQ.transpose(-1, -2) + sc_BTHRQ  # R = 1: row score + column score
-        core_HRR = self.cores.sum(1).to(sr_BTHRQ.dtype)
-        return sr_BTHRQ.transpose(-1, -2) @ (core_HRR @ sc_BTHRQ)
-
-    def _core_scores(self, s_SBTHRP, row_BTHM, col_BTHM):
-        """Per-core scores of the kept slots, with autograd: (B, T, H, M, C)."""
-        idx_SBTHM = torch.stack((row_BTHM, col_BTHM))
-        kept_SBTHRM = s_SBTHRP.gather(-1, _expand_rank(idx_SBTHM, s_SBTHRP.shape[-2]))
+    def _core_scores(self, kept_SBTHRM):
+        """Per-core scores of the kept slots from their (S, ..., R, M) row/column scores, with
+        autograd: (..., M, C)."""
         if self.cores is None:
             return (kept_SBTHRM[0] + kept_SBTHRM[1]).transpose(-1, -2)  # (B, T, H, M, 1)
         # score[m, c] = sum_rs row[r, m] C_c[r, s] col[s, m]: the (r, s) outer products of the kept

@@ -31,7 +31,7 @@ def _pool(weight_ND, row_TK, bag_TK, w_TKC, num_bags, sparse):
     return pool_triton(weight_ND, row_TK, bag_TK, w_TKC, num_bags, sparse)
 
 
-def _stage1_topk(q_NSK, keys_SKJ, ut_SHR, m1):
+def _stage1_topk(q_NSK, keys_SKJ, ut_SHR, m1, cache=None):
     from .triton_topk import stage1_topk_triton
 
     return stage1_topk_triton(q_NSK, keys_SKJ, ut_SHR, m1)
