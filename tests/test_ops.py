@@ -113,10 +113,15 @@ def test_layer_search_only_path_matches_the_full_path(kw):
     cfg = UltraMemConfig(dim=64, num_keys=24, key_dim=16, value_dim=32, topk=8, stage1_topk=8, **kw)
     layer = UltraMemLayer(cfg).eval()
     x = torch.randn(3, 5, 64)
+    with torch.no_grad():  # by shape: few tokens (decode) or long key rows
+        assert layer.retrieval._search_only(False, 8) and not layer.retrieval._search_only(False, 15)
+        assert not layer.retrieval._search_only(True, 1)
+    assert not layer.retrieval._search_only(False, 1)  # autograd on: the full path
+    layer.retrieval.search_only = True
     full = layer.retrieve(x)  # grad enabled: the full score matrix
     with torch.no_grad():
         fast = layer.retrieve(x)
-        assert layer.retrieval._search_only(False)
+        assert layer.retrieval._search_only(False, 15)
     assert torch.equal(fast.indices, full.indices)
     torch.testing.assert_close(fast.scores, full.scores.detach())
     y_full = layer(x).detach()

@@ -21,6 +21,10 @@ Speed (the decode path is latency-bound, see bench/layer_bench.py):
   rank-major so that the stage-1 proxy and the gathers run over contiguous key rows;
 - without autograd that key matrix is cached (see `_key_matrix`), so a decode step does not
   re-normalise ~10^6 key weights per call;
+- without autograd only the stage-1 winners' per-rank scores are needed (the kept slots are among
+  them), so `ops.stage1_topk` ranks keys by the rank-1 proxy alone: on CPU against cached folded
+  keys sum_r u_r k_r (1/R of the key bytes and FLOPs; exact maths, other rounding), on CUDA in a
+  Triton kernel that never writes the score matrix (chosen by shape: `_search_only`);
 - top-k over long rows goes through `ops.topk_indices` (on CPU an exact block-wise selection, about
   2x faster than one `torch.topk` over 1024 entries); the key products through `ops.score_keys`.
 """
@@ -103,6 +107,9 @@ class TuckerRetrieval(nn.Module):
         self._cores_ptr = 0  # cores.data_ptr() then: a copy/.to() makes a new tensor (version 0)
         self._key_cache: tuple[tuple, torch.Tensor] | None = None  # (stamp, key matrix), no-grad only
         self._stage1_cache: Stage1Cache | None = None  # layouts derived from the cached key matrix
+        # No-grad search from the stage-1 winners: None = by shape (`_search_only`), True = always,
+        # False = never (the full score matrix, the earlier path; `ultramem bench scale --compare`).
+        self.search_only: bool | None = None
         self._warned_stale = False
         # A module-level function, not a lambda: the layer must stay picklable (torch.save(layer)).
         self.register_load_state_dict_post_hook(_refresh_after_load)
@@ -280,7 +287,7 @@ class TuckerRetrieval(nn.Module):
                 conv_state: ConvState | None = None) -> Retrieved:
         if not torch.compiler.is_compiling():
             self._check_fresh()
-        if self._search_only(exact):
+        if self._search_only(exact, x_BTD.shape[0] * x_BTD.shape[1]):
             return self._forward_search_only(x_BTD, conv_state)
         s_SBTHRP = self._scores(x_BTD, conv_state)
         if exact or self.cfg.topm_search == "exact":
@@ -292,11 +299,21 @@ class TuckerRetrieval(nn.Module):
         scores_BTHMC = self._core_scores(kept_SBTHRM)
         return Retrieved(row_BTHM * self.cfg.keys_per_side + col_BTHM, scores_BTHMC)
 
-    def _search_only(self, exact: bool) -> bool:
+    def _search_only(self, exact: bool, tokens: int) -> bool:
         """Without autograd the per-rank scores are needed for the stage-1 winners only, so the
-        (S, N, J) score matrix is never built (`ops.stage1_topk`): decode and eval."""
-        return (not exact and self.cfg.topm_search == "rank1" and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling())
+        (S, N, J) score matrix need not be built (`ops.stage1_topk`): decode and eval.
+
+        It saves (R-1)/R of the key products and costs gathering S*H*R*m1 key rows per token: a
+        win at small batches (memory-bound: half the key bytes) and for long key rows; at 1M
+        values (n' = 1,000) and B = 64 the gathers cost more than the products saved (CPU, 1
+        thread, measured with `ultramem bench scale --compare`), hence the rule by shape."""
+        if exact or self.cfg.topm_search != "rank1" or torch.is_grad_enabled():
+            return False
+        if torch.compiler.is_compiling():
+            return False
+        if self.search_only is not None:
+            return self.search_only
+        return tokens <= 8 or self.cfg.keys_per_side >= 64 * self.cfg.m1
 
     def _forward_search_only(self, x_BTD: torch.Tensor, conv_state: ConvState | None) -> Retrieved:
         """The two-stage search from the stage-1 winners' scores alone (same maths as forward)."""
