@@ -124,6 +124,7 @@ def summarise(rows: list[dict]) -> dict:
         out["b1_target_met"] = at[1]["ratio_to_bound"] <= TARGET_B1_RATIO
     if 1 in at and 8 in at:
         out["b8_over_b1"] = at[8]["median_ms"] / at[1]["median_ms"]
+        out["b8_over_b1_cpu"] = at[8]["cpu_median_ms"] / at[1]["cpu_median_ms"]
         out["b8_target_met"] = out["b8_over_b1"] <= TARGET_B8_OVER_B1
     full = {(r["values_M"], r["B"]): r for r in rows if r["path"] == "full"}
     if full:
