@@ -168,9 +168,9 @@ class TuckerRetrieval(nn.Module):
         return self(x_BTD).scores.float().pow(2).mean().sqrt().item()
 
     def __getstate__(self):
-        # The key cache is derived data (and a tensor deepcopy refuses): never part of a copy.
+        # The key caches are derived data (and a tensor deepcopy refuses): never part of a copy.
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        return {**state, "_key_cache": None}
+        return {**state, "_key_cache": None, "_stage1_cache": None}
 
     def _check_fresh(self) -> None:
         """Warn (once) when the cores changed in place since the last refresh.
