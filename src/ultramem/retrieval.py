@@ -304,16 +304,16 @@ class TuckerRetrieval(nn.Module):
         (S, N, J) score matrix need not be built (`ops.stage1_topk`): decode and eval.
 
         It saves (R-1)/R of the key products and costs gathering S*H*R*m1 key rows per token: a
-        win at small batches (memory-bound: half the key bytes) and for long key rows; at 1M
-        values (n' = 1,000) and B = 64 the gathers cost more than the products saved (CPU, 1
-        thread, measured with `ultramem bench scale --compare`), hence the rule by shape."""
+        win at small batches (memory-bound: half the key bytes) and for long key rows: at B = 64
+        it was 1.18x faster at 20M values (n' = 4,472) but 0.8-1.05x at 5M (n' = 2,236) and 1M
+        (CPU, 1 thread, `ultramem bench scale --compare`), hence the rule by shape."""
         if exact or self.cfg.topm_search != "rank1" or torch.is_grad_enabled():
             return False
         if torch.compiler.is_compiling():
             return False
         if self.search_only is not None:
             return self.search_only
-        return tokens <= 8 or self.cfg.keys_per_side >= 64 * self.cfg.m1
+        return tokens <= 8 or self.cfg.keys_per_side >= 96 * self.cfg.m1
 
     def _forward_search_only(self, x_BTD: torch.Tensor, conv_state: ConvState | None) -> Retrieved:
         """The two-stage search from the stage-1 winners' scores alone (same maths as forward)."""
