@@ -13,8 +13,6 @@ def test_every_blocked_plan_is_exact():
         assert torch.equal(blocked_topk(x, 16, False, widths).sort(-1).values, want), widths
 
 
-
-
 def test_force_reference_gives_the_same_layer_output():
     from ultramem import UltraMemConfig, UltraMemLayer
 
