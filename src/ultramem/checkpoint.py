@@ -343,6 +343,12 @@ def _few(items: list, n: int = 5) -> str:
 
 
 def _check_torch_optimizer(opt: torch.optim.Optimizer, sd: dict, where: str) -> None:
+    if hasattr(opt, "check_state_shapes"):  # per-row state (SparseValueAdamW): it knows its shapes
+        try:
+            opt.check_state_shapes(sd)
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from e
+        return
     params = [p for g in opt.param_groups for p in g["params"]]
     ids = [i for g in sd["param_groups"] for i in g["params"]]
     if len(ids) != len(params):
@@ -361,11 +367,13 @@ def load_optimizer_state(optimizer, sd: dict, path) -> None:
         if isinstance(optimizer, torch.optim.Optimizer):
             _check_torch_optimizer(optimizer, sd, str(path))
         else:  # ultramem.optim.Optimizer: a dict of torch optimiser states
-            parts = (("adamw", optimizer.adamw), ("sparse", optimizer.sparse))
+            parts = optimizer.parts()
             if any((opt is None) != (sd.get(key) is None) for key, opt in parts):
-                saved = "sparse" if sd.get("sparse") is not None else "dense"
-                raise CheckpointError(f"{path}: optimizer state was saved with the {saved} value path, this "
-                                      f"optimizer uses sparse_values={optimizer.sparse_values}")
+                saved = [k for k, _ in parts if sd.get(k) is not None]
+                mine = [k for k, opt in parts if opt is not None]
+                raise CheckpointError(f"{path}: optimizer state has parts {saved} (value path), this "
+                                      f"optimizer has {mine} (sparse_values={optimizer.sparse_values}; "
+                                      f"value paths: {optimizer.describe_value_paths()})")
             for key, opt in parts:
                 if opt is not None:
                     _check_torch_optimizer(opt, sd[key], f"{path} [{key}]")

@@ -1,14 +1,24 @@
 """Optimiser construction, learning-rate schedules and gradient clipping.
 
 Parameter groups (the contract's trainer rule):
-  values   -- model.value_parameters(): memory value tables. No weight decay, their own lr
-              multiplier schedule (SPEC section 4). Dense path: a group of the AdamW; sparse path
+  values   -- model.value_parameters(): memory value tables. value_weight_decay (default 0), their
+              own lr multiplier schedule (SPEC section 4). Dense path: a group of the AdamW; sparse path
               (value tables emit sparse COO grads): torch.optim.SparseAdam, i.e. lazy Adam that
               only touches the rows present in the gradient.
   no_decay -- remaining params with ndim < 2 (norm gains, biases) or named "...cores".
   decay    -- everything else.
 
-The two torch optimisers hide behind `Optimizer`, which has the usual step / zero_grad /
+Value path per table (`value_optimizer`, chosen per value tensor; `Optimizer.value_paths` says
+which each one got and the trainer logs it):
+  "adamw"      today's default: a group of the dense AdamW; a table configured with
+               sparse_values=True keeps torch.optim.SparseAdam (path "sparse_adam").
+  "sparse"     SparseValueAdamW (ultramem.sparse_adam): row-sparse AdamW, lazy exact weight decay.
+  "sparse_row" the same with one second-moment scalar per row (state ~1/D of Adam's v).
+  "auto"       "sparse" for tables of >= AUTO_SPARSE_MIN_VALUES values, else as "adamw".
+The sparse paths switch the table to emitting row-sparse gradients (its `sparse` flag), since a
+dense gradient of a huge table costs as much as the dense step they avoid.
+
+The torch optimisers hide behind `Optimizer`, which has the usual step / zero_grad /
 state_dict / load_state_dict and sets the per-step lr of every group from `LRSchedule`.
 """
 
@@ -21,6 +31,7 @@ import torch
 from torch import nn
 
 from .memory import memory_layers
+from .sparse_adam import SparseValueAdamW
 
 GROUP_NAMES = ("decay", "no_decay", "values")
 
@@ -126,37 +137,101 @@ def detect_sparse_values(model: nn.Module) -> bool:
     return False
 
 
+VALUE_OPTIMIZERS = ("adamw", "sparse", "sparse_row", "auto")
+# "auto" takes the sparse path for a value tensor of at least this many values. Measured with
+# `ultramem bench optim` on the 2-core dev machine, 1 thread, 8,192 touched rows of 128 per step
+# (README, "Sparse value optimizer"): below it dense fused AdamW's step is as fast or faster.
+AUTO_SPARSE_MIN_VALUES = 1 << 22
+
+
+def resolve_value_paths(value_params: list[tuple[str, nn.Parameter]], value_optimizer: str,
+                        sparse_values: bool) -> dict[str, str]:
+    """name -> path ("adamw", "sparse_adam", "sparse" or "sparse_row") of every value tensor."""
+    if value_optimizer not in VALUE_OPTIMIZERS:
+        raise ValueError(f"value_optimizer: must be one of {list(VALUE_OPTIMIZERS)} "
+                         f"(got {value_optimizer!r})")
+    legacy = "sparse_adam" if sparse_values else "adamw"
+    paths = {}
+    for name, p in value_params:
+        if value_optimizer == "auto":
+            paths[name] = "sparse" if p.numel() >= AUTO_SPARSE_MIN_VALUES else legacy
+        else:
+            paths[name] = legacy if value_optimizer == "adamw" else value_optimizer
+    return paths
+
+
+def emit_sparse_grads(model: nn.Module, params: list[nn.Parameter]) -> None:
+    """Switch the modules owning `params` (value tables, embeddings: a `sparse` flag) to row-sparse
+    gradients. A flag, not state: checkpoints and the model config do not change."""
+    ids = {id(p) for p in params}
+    for mod in model.modules():
+        if isinstance(getattr(mod, "sparse", None), bool) and any(
+                id(p) in ids for p in mod.parameters(recurse=False)):
+            mod.sparse = True
+
+
 class Optimizer:
-    """AdamW for decay/no_decay (and values on the dense path) plus SparseAdam for the values
-    on the sparse path, driven by one LRSchedule."""
+    """AdamW for decay/no_decay (and dense-path values), SparseAdam for legacy sparse values and
+    SparseValueAdamW for the sparse value paths, driven by one LRSchedule."""
 
     def __init__(self, groups, lr: float, schedule: LRSchedule | None, weight_decay: float,
-                 betas: tuple[float, float], eps: float, sparse_values: bool):
+                 betas: tuple[float, float], eps: float, sparse_values: bool, *,
+                 value_paths: dict[str, str] | None = None, value_weight_decay: float = 0.0):
         self.base_lr = lr
         self.schedule = schedule
-        self.sparse_values = sparse_values
-        adamw_groups = []
-        for name, wd in (("decay", weight_decay), ("no_decay", 0.0), ("values", 0.0)):
-            params = [p for _, p in groups[name]]
-            if not params or (name == "values" and sparse_values):
-                continue
-            adamw_groups.append({"params": params, "weight_decay": wd, "name": name})
-        self.adamw = None
-        if adamw_groups:
-            # the fused kernel is ~6x faster than the per-tensor loop on CPU for small models
-            devices = {p.device.type for g in adamw_groups for p in g["params"]}
-            fused = True if devices <= {"cpu", "cuda"} else None
-            self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, fused=fused)
+        if value_paths is None:
+            value_paths = resolve_value_paths(groups["values"], "adamw", sparse_values)
+        self.value_paths = value_paths
+        by_path = {k: [p for n, p in groups["values"] if value_paths[n] == k]
+                   for k in ("adamw", "sparse_adam", "sparse", "sparse_row")}
+        self.sparse_values = bool(by_path["sparse_adam"])  # the legacy SparseAdam path is in use
+        if by_path["sparse_adam"] and value_weight_decay:
+            raise ValueError("value_weight_decay: torch SparseAdam cannot decay; use "
+                             f"value_optimizer='sparse' (got {value_weight_decay})")
+        self.adamw = self._build_adamw(groups, by_path["adamw"], lr, weight_decay, value_weight_decay,
+                                       betas, eps)
         self.sparse = None
-        if sparse_values and groups["values"]:
-            value_params = [p for _, p in groups["values"]]
-            self.sparse = torch.optim.SparseAdam(value_params, lr=lr, betas=betas, eps=eps)
+        if by_path["sparse_adam"]:
+            self.sparse = torch.optim.SparseAdam(by_path["sparse_adam"], lr=lr, betas=betas, eps=eps)
             self.sparse.param_groups[0]["name"] = "values"
+        row_groups = [{"params": by_path[k], "row_state": "full" if k == "sparse" else "row",
+                       "name": "values"} for k in ("sparse", "sparse_row") if by_path[k]]
+        self.rowsparse = None
+        if row_groups:
+            self.rowsparse = SparseValueAdamW(row_groups, lr=lr, betas=betas, eps=eps,
+                                              weight_decay=value_weight_decay)
         self.set_step(0)
+
+    @staticmethod
+    def _build_adamw(groups, values, lr, weight_decay, value_weight_decay, betas, eps):
+        adamw_groups = []
+        for name, wd, params in (("decay", weight_decay, [p for _, p in groups["decay"]]),
+                                 ("no_decay", 0.0, [p for _, p in groups["no_decay"]]),
+                                 ("values", value_weight_decay, values)):
+            if params:
+                adamw_groups.append({"params": params, "weight_decay": wd, "name": name})
+        if not adamw_groups:
+            return None
+        # the fused kernel is ~6x faster than the per-tensor loop on CPU for small models
+        devices = {p.device.type for g in adamw_groups for p in g["params"]}
+        fused = True if devices <= {"cpu", "cuda"} else None
+        return torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [o for o in (self.adamw, self.sparse) if o is not None]
+        return [o for o in (self.adamw, self.sparse, self.rowsparse) if o is not None]
+
+    def parts(self) -> list[tuple[str, torch.optim.Optimizer | None]]:
+        """(state_dict key, torch optimiser or None) of every part, for checkpoint checks."""
+        return [("adamw", self.adamw), ("sparse", self.sparse), ("rowsparse", self.rowsparse)]
+
+    def describe_value_paths(self, names_to_numel: dict[str, int] | None = None) -> str:
+        """One line for the run log: which optimiser path each value tensor uses."""
+        label = {"adamw": "dense AdamW", "sparse_adam": "torch SparseAdam", "sparse": "SparseValueAdamW",
+                 "sparse_row": "SparseValueAdamW row-state"}
+        sizes = names_to_numel or {}
+        return "; ".join(f"{n}: {label[k]}" + (f" ({sizes[n]:,} values)" if n in sizes else "")
+                         for n, k in self.value_paths.items())
 
     @property
     def param_groups(self) -> list[dict]:
@@ -197,22 +272,31 @@ class Optimizer:
         for o in self.optimizers:
             o.step()
 
+    def flush_decay(self) -> None:
+        """Apply the sparse value path's pending (lazy) weight decay to every row: call before
+        saving or evaluating the weights. A no-op on the other paths."""
+        if self.rowsparse is not None:
+            self.rowsparse.flush_decay()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.optimizers:
             o.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        return {"adamw": self.adamw.state_dict() if self.adamw else None,
-                "sparse": self.sparse.state_dict() if self.sparse else None}
+        # "rowsparse" only when present: checkpoints of the other paths keep their old layout
+        sd = {key: opt.state_dict() if opt else None for key, opt in self.parts()}
+        if sd["rowsparse"] is None:
+            del sd["rowsparse"]
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
-        parts = (("adamw", self.adamw), ("sparse", self.sparse))
-        for key, opt in parts:
+        for key, opt in self.parts():
             if (sd.get(key) is None) != (opt is None):
                 raise ValueError(f"optimizer state: the saved state {'lacks' if opt else 'has'} a '{key}' "
-                                 f"part and this optimizer {'has' if opt else 'has not'} (sparse_values "
-                                 f"differs? this optimizer: sparse_values={self.sparse_values})")
-        for key, opt in parts:
+                                 f"part and this optimizer {'has' if opt else 'has not'} (sparse_values or "
+                                 f"value_optimizer differs? this optimizer's value paths: "
+                                 f"{self.describe_value_paths()})")
+        for key, opt in self.parts():
             if opt is None:
                 continue
             saved = [len(g["params"]) for g in sd[key]["param_groups"]]
@@ -225,27 +309,34 @@ class Optimizer:
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, value_lr_mult: float = 4.0,
                     betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                     total_steps: int | None = None, warmup_steps: int = 0, min_lr_ratio: float = 0.1,
-                    value_lr_decay_frac: float = 0.25, sparse_values: bool | None = None) -> Optimizer:
-    """AdamW (+ SparseAdam for sparse value tables) with the contract's groups and schedules.
+                    value_lr_decay_frac: float = 0.25, sparse_values: bool | None = None,
+                    value_optimizer: str = "adamw", value_weight_decay: float = 0.0) -> Optimizer:
+    """AdamW (+ SparseAdam / SparseValueAdamW per value_optimizer) with the contract's groups and schedules.
 
     total_steps=None disables the schedule: every group keeps `lr` (values included).
     sparse_values=None detects it from the model (detect_sparse_values).
+    value_optimizer: see the module docstring; a table on a sparse path is switched to sparse grads.
     """
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if value_weight_decay < 0:
+        raise ValueError(f"value_weight_decay: must be >= 0 (got {value_weight_decay})")
     if not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"betas must lie in [0, 1), got {betas}")
     groups = split_param_groups(model)
     if sparse_values is None:
         sparse_values = detect_sparse_values(model)
+    paths = resolve_value_paths(groups["values"], value_optimizer, bool(sparse_values))
+    emit_sparse_grads(model, [p for n, p in groups["values"] if paths[n] in ("sparse", "sparse_row")])
     schedule = None
     if total_steps is not None:
         schedule = LRSchedule(total_steps=total_steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
                               value_lr_mult=value_lr_mult, value_lr_decay_frac=value_lr_decay_frac)
     return Optimizer(groups, lr=lr, schedule=schedule, weight_decay=weight_decay, betas=tuple(betas),
-                     eps=eps, sparse_values=bool(sparse_values))
+                     eps=eps, sparse_values=bool(sparse_values), value_paths=paths,
+                     value_weight_decay=value_weight_decay)
 
 
 def clip_grad_norm(params, max_norm: float | None) -> torch.Tensor:
