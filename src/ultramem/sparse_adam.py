@@ -166,7 +166,11 @@ class SparseValueAdamW(torch.optim.Optimizer):
         m = st.get("exp_avg")
         m_nD = m.index_select(0, idx_n) if m is not None else None
         v_n = st["exp_avg_sq"].index_select(0, idx_n)
-        _adam_rows(w_nD, g_nD.to(w_nD.dtype), m_nD, v_n, group, t)
+        g_nD = g_nD.to(w_nD.dtype)
+        if m_nD is not None and v_n.ndim == 2 and _FUSED is not None:
+            _fused_adam_rows(w_nD, g_nD, m_nD, v_n, group, t)
+        else:
+            _adam_rows(w_nD, g_nD, m_nD, v_n, group, t)
         w_RD.index_copy_(0, idx_n, w_nD)
         st["exp_avg_sq"].index_copy_(0, idx_n, v_n)
         if m is not None:
@@ -240,6 +244,19 @@ def _decay_factors(log_decay: torch.Tensor, last_n: torch.Tensor, t: int, dtype)
     return torch.exp(L[t] - L.index_select(0, last_n.long())).to(dtype)
 
 
+# torch's fused AdamW kernel (what AdamW(fused=True) runs): one pass over the gathered rows instead
+# of ~8, ~3x faster on CPU. Equal to the single-tensor op order to ~1 ulp, not bits, so exact mode
+# (which promises torch AdamW's default path bit for bit) keeps `_adam_rows`.
+_FUSED = getattr(torch, "_fused_adamw_", None)
+
+
+def _fused_adam_rows(w_nD, g_nD, m_nD, v_nD, group: dict, t: int) -> None:
+    beta1, beta2 = group["betas"]
+    step = torch.tensor(float(t), device=w_nD.device)
+    _FUSED([w_nD], [g_nD], [m_nD], [v_nD], [], [step], lr=group["lr"], beta1=beta1, beta2=beta2,
+           weight_decay=0.0, eps=group["eps"], amsgrad=False, maximize=False)  # decay applied lazily before
+
+
 def _adam_rows(w_nD, g_nD, m_nD, v, group: dict, t: int) -> None:
     """One Adam step in place on rows w (weight decay already applied), in torch AdamW's op order.
 
@@ -249,10 +266,11 @@ def _adam_rows(w_nD, g_nD, m_nD, v, group: dict, t: int) -> None:
     bias_correction2_sqrt = (1 - beta2**t) ** 0.5
     if v.ndim == 1:
         v.mul_(beta2).add_(g_nD.square().mean(dim=1), alpha=1 - beta2)
-        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)[:, None]
+        denom = v.sqrt().div_(bias_correction2_sqrt).add_(eps)[:, None]
     else:
         v.mul_(beta2).addcmul_(g_nD, g_nD, value=1 - beta2)
-        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        # in place, same ops and order as torch's (v.sqrt() / c).add_(eps): one temporary, same bits
+        denom = v.sqrt().div_(bias_correction2_sqrt).add_(eps)
     if m_nD is None:
         w_nD.addcdiv_(g_nD, denom, value=-lr)
         return
