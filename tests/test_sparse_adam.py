@@ -167,7 +167,7 @@ def test_build_optimizer_value_paths_and_checkpoint_round_trip(tmp_path, monkeyp
     import ultramem.optim as optim
 
     assert build_optimizer(Table(), lr=1e-2, value_optimizer="auto").value_paths == {"emb.weight": "adamw"}
-    monkeypatch.setattr(optim, "AUTO_SPARSE_MIN_VALUES", 4096 * 8)
+    monkeypatch.setattr(optim, "AUTO_SPARSE_MIN_PARAMS", 4096 * 8)
     torch.manual_seed(0)
     a = Table()
     b = copy.deepcopy(a)
@@ -212,3 +212,32 @@ def test_bad_value_optimizer_and_decay_overflow():
     p.grad = torch.ones(3, 2)
     with pytest.raises(ValueError, match="^weight_decay:"):
         opt.step()
+
+
+def test_trainer_sparse_value_path_logs_and_resumes_exactly(tmp_path):
+    """Through the trainer: the log names each table's path, lazy decay is flushed at evals and
+    checkpoints, and stop + resume equals a run that checkpointed at the same step, bit for bit."""
+    from ultramem.data import DataConfig, prepare_data
+    from ultramem.train import RunConfig, train
+
+    data = {"num_people": 16, "vocab_size": 300, "fact_repetitions": 2}
+    prepare_data(DataConfig(**data), tmp_path / "cache", log=None)
+    model = {"dim": 32, "n_layers": 2, "n_heads": 2, "ffn": "ultramem", "memory_placement": "0:1",
+             "memory": {"num_keys": 8, "key_dim": 16, "heads": 2, "topk": 4}}
+
+    def cfg(name, **kw):
+        t = {"out_dir": str(tmp_path / name), "cache_dir": str(tmp_path / "cache"), "steps": 8,
+             "batch_size": 4, "seq_len": 16, "warmup_steps": 2, "log_every": 1, "eval_every": 3,
+             "fact_queries": 0, "eval_windows": 4, "memory_diagnostics": False, "progress": False,
+             "threads": 1, "value_optimizer": "sparse_row", "value_weight_decay": 0.1, **kw}
+        return RunConfig.from_dict({"model": model, "data": data, "train": t})
+
+    lines = []
+    full = train(cfg("a", ckpt_every=4), log=lines.append)
+    assert any("SparseValueAdamW row-state" in line for line in lines)
+    halves = cfg("b", stop_after=4)
+    train(halves, log=lambda *_: None)
+    halves.train.stop_after, halves.train.resume = None, True
+    second = train(halves, log=lambda *_: None)
+    assert [v for _, v in second["losses"]] == [v for _, v in full["losses"]][4:]
+    assert second["val_loss"] == full["val_loss"]

@@ -2,9 +2,7 @@
 
 Parameter groups (the contract's trainer rule):
   values   -- model.value_parameters(): memory value tables. value_weight_decay (default 0), their
-              own lr multiplier schedule (SPEC section 4). Dense path: a group of the AdamW; sparse path
-              (value tables emit sparse COO grads): torch.optim.SparseAdam, i.e. lazy Adam that
-              only touches the rows present in the gradient.
+              own lr multiplier schedule (SPEC section 4), on the path `value_optimizer` picks.
   no_decay -- remaining params with ndim < 2 (norm gains, biases) or named "...cores".
   decay    -- everything else.
 
@@ -14,7 +12,7 @@ which each one got and the trainer logs it):
                sparse_values=True keeps torch.optim.SparseAdam (path "sparse_adam").
   "sparse"     SparseValueAdamW (ultramem.sparse_adam): row-sparse AdamW, lazy exact weight decay.
   "sparse_row" the same with one second-moment scalar per row (state ~1/D of Adam's v).
-  "auto"       "sparse" for tables of >= AUTO_SPARSE_MIN_VALUES values, else as "adamw".
+  "auto"       "sparse" for tables of >= AUTO_SPARSE_MIN_PARAMS parameters, else as "adamw".
 The sparse paths switch the table to emitting row-sparse gradients (its `sparse` flag), since a
 dense gradient of a huge table costs as much as the dense step they avoid.
 
@@ -138,10 +136,13 @@ def detect_sparse_values(model: nn.Module) -> bool:
 
 
 VALUE_OPTIMIZERS = ("adamw", "sparse", "sparse_row", "auto")
-# "auto" takes the sparse path for a value tensor of at least this many values. Measured with
-# `ultramem bench optim` on the 2-core dev machine, 1 thread, 8,192 touched rows of 128 per step
-# (README, "Sparse value optimizer"): below it dense fused AdamW's step is as fast or faster.
-AUTO_SPARSE_MIN_VALUES = 1 << 22
+# "auto" takes the sparse path for a value tensor of at least this many parameters: the crossover
+# measured with `ultramem bench optim --table-values ...` on the 2-core dev machine (1 thread,
+# 8,192 touched rows of 128 per step; README, "Sparse value optimizer"): from 16M parameters
+# SparseValueAdamW's step alone beat fused dense AdamW (1.2x; 76x at 320M), and with the dense
+# gradient's materialisation and clipping counted it already won from 8M. It assumes few touched
+# rows per step: a batch that touches most of the table (the tiny presets) favours dense AdamW.
+AUTO_SPARSE_MIN_PARAMS = 16_000_000
 
 
 def resolve_value_paths(value_params: list[tuple[str, nn.Parameter]], value_optimizer: str,
@@ -154,7 +155,7 @@ def resolve_value_paths(value_params: list[tuple[str, nn.Parameter]], value_opti
     paths = {}
     for name, p in value_params:
         if value_optimizer == "auto":
-            paths[name] = "sparse" if p.numel() >= AUTO_SPARSE_MIN_VALUES else legacy
+            paths[name] = "sparse" if p.numel() >= AUTO_SPARSE_MIN_PARAMS else legacy
         else:
             paths[name] = legacy if value_optimizer == "adamw" else value_optimizer
     return paths

@@ -74,6 +74,12 @@ class TrainConfig(ConfigBase):
                              ge=0)
     value_lr_mult: float = param(4.0, "M of SPEC section 4: value lr x M at step 0, decaying to x1", gt=0)
     value_lr_decay_frac: float = param(0.25, "S = frac * steps, the value-lr decay span", ge=0)
+    # -- sparse value optimizer (README, 'Sparse value optimizer')
+    value_optimizer: Literal["adamw", "sparse", "sparse_row", "auto"] = param(
+        "adamw", "value tables' optimiser: `adamw` dense (SparseAdam for sparse_values tables), `sparse` / "
+        "`sparse_row` SparseValueAdamW (full / per-row second moment), `auto` `sparse` for big tables")
+    value_weight_decay: float = param(0.0, "decoupled weight decay of the value tables (lazy and exact on "
+                                      "the sparse paths)", ge=0)
     dtype: Literal["auto", "fp32", "bf16"] = param("auto", "`auto`: bf16 autocast on CUDA, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = param("auto", "`auto`: CUDA when available")
     threads: int = param(0, "torch CPU threads (0 keeps torch's default)", ge=0)
@@ -259,7 +265,8 @@ def _setup(cfg: RunConfig, out: Path, log, data) -> _Session:
     opt = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, value_lr_mult=tc.value_lr_mult,
                           betas=(tc.beta1, tc.beta2), eps=tc.eps, total_steps=tc.steps,
                           warmup_steps=tc.warmup_steps, min_lr_ratio=tc.min_lr_ratio,
-                          value_lr_decay_frac=tc.value_lr_decay_frac)
+                          value_lr_decay_frac=tc.value_lr_decay_frac, value_optimizer=tc.value_optimizer,
+                          value_weight_decay=tc.value_weight_decay)
     sampler = TrainBatchSampler(data.train, tc.batch_size, tc.seq_len, seed=tc.seed, device=device)
     resolved = cfg.to_dict()
     resolved["model"] = mcfg.to_dict()
@@ -289,7 +296,7 @@ def _log_header(s: _Session, write_params: bool) -> dict:
     s.log(f"model ({s.mcfg.ffn}): {format_counts(counts)}")
     s.log("optimizer groups: " + ", ".join(f"{g['name']}={sum(p.numel() for p in g['params']):,}"
                                             for g in s.opt.param_groups)
-          + f"; value path {'sparse (SparseAdam)' if s.opt.sparse_values else 'dense (AdamW)'}")
+          + f"; value paths: {s.opt.describe_value_paths()}")
     if write_params:
         s.metrics.write(kind="params", step=0, **counts)
     return counts
@@ -317,7 +324,10 @@ def _loop(s: _Session) -> None:
             tc.ckpt_minutes and time.monotonic() - s.last_ckpt_time >= 60 * tc.ckpt_minutes)
         if s.step % tc.log_every == 0 or ckpt_due:  # a checkpoint never holds unlogged steps
             _flush_log(s)
-        if ((tc.eval_every and s.step % tc.eval_every == 0) or s.step == tc.steps) and not stopping:
+        eval_due = ((tc.eval_every and s.step % tc.eval_every == 0) or s.step == tc.steps) and not stopping
+        if eval_due or ckpt_due:  # lazy value decay (sparse path): evaluate and save up-to-date weights
+            s.opt.flush_decay()
+        if eval_due:
             s.last_eval = {**evaluate(s.model, s.data, tc, s.amp), **training_reads(s.model)}
             s.metrics.write(kind="eval", step=s.step, **s.last_eval)
             s.bar.write(f"step {s.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in s.last_eval.items()))
