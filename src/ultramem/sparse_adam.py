@@ -17,6 +17,12 @@ touched at step t, the decay of every step it missed, prod_{s=last+1..t} (1 - lr
 exp(L[t] - L[last]), is applied first, in O(1) per row. `flush_decay()` brings every row up to
 date (call it before saving weights or evaluating: then the weights equal dense decay's).
 
+Flushing rounds: prod(a) * prod(b) is not bitwise prod(a * b), so a flush at a step where an
+uninterrupted run did not flush moves the trajectory by float rounding (~1 ulp on rows with
+pending decay). Resuming from a checkpoint therefore equals the uninterrupted run bit for bit
+when that run also flushed at the checkpoint's step (or weight_decay is 0), and to rounding
+otherwise. With weight_decay 0 nothing is pending and flush_decay changes nothing.
+
 Options:
   row_state="row"   one second-moment scalar per row (mean of the squared gradient over the row,
                     row-wise Adam as in recommender systems): v is (R,) instead of (R, D).
