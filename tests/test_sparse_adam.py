@@ -173,7 +173,7 @@ def test_build_optimizer_value_paths_and_checkpoint_round_trip(tmp_path, monkeyp
     b = copy.deepcopy(a)
     oa = build_optimizer(a, lr=1e-2, total_steps=8, value_optimizer="auto", value_weight_decay=0.1)
     assert oa.value_paths == {"emb.weight": "sparse"} and a.emb.sparse  # table switched to sparse grads
-    assert "SparseValueAdamW" in oa.describe_value_paths()
+    assert oa.describe_value_paths() == "emb.weight (32,768 params): SparseValueAdamW"
     ob = build_optimizer(b, lr=1e-2, total_steps=8, value_optimizer="sparse", value_weight_decay=0.1)
     for step in range(4):
         for m, o in ((a, oa), (b, ob)):
@@ -207,6 +207,10 @@ def test_bad_arguments_name_the_field(kw, field):
 def test_bad_value_optimizer_and_decay_overflow():
     with pytest.raises(ValueError, match="^value_optimizer:"):
         build_optimizer(Table(), lr=1e-2, value_optimizer="lazy")
+    sparse_table = Table()
+    sparse_table.emb.sparse = True  # the legacy SparseAdam path cannot decay
+    with pytest.raises(ValueError, match="^value_weight_decay:"):
+        build_optimizer(sparse_table, lr=1e-2, value_weight_decay=0.1)
     p = nn.Parameter(torch.zeros(3, 2))
     opt = SparseValueAdamW([p], lr=2.0, weight_decay=0.5)
     p.grad = torch.ones(3, 2)

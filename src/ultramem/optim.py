@@ -183,6 +183,7 @@ class Optimizer:
         if value_paths is None:
             value_paths = resolve_value_paths(groups["values"], "adamw", sparse_values)
         self.value_paths = value_paths
+        self.value_sizes = {n: p.numel() for n, p in groups["values"]}
         by_path = {k: [p for n, p in groups["values"] if value_paths[n] == k]
                    for k in ("adamw", "sparse_adam", "sparse", "sparse_row")}
         self.sparse_values = bool(by_path["sparse_adam"])  # the legacy SparseAdam path is in use
@@ -226,12 +227,11 @@ class Optimizer:
         """(state_dict key, torch optimiser or None) of every part, for checkpoint checks."""
         return [("adamw", self.adamw), ("sparse", self.sparse), ("rowsparse", self.rowsparse)]
 
-    def describe_value_paths(self, names_to_numel: dict[str, int] | None = None) -> str:
+    def describe_value_paths(self) -> str:
         """One line for the run log: which optimiser path each value tensor uses."""
         label = {"adamw": "dense AdamW", "sparse_adam": "torch SparseAdam", "sparse": "SparseValueAdamW",
                  "sparse_row": "SparseValueAdamW row-state"}
-        sizes = names_to_numel or {}
-        return "; ".join(f"{n}: {label[k]}" + (f" ({sizes[n]:,} values)" if n in sizes else "")
+        return "; ".join(f"{n} ({self.value_sizes.get(n, 0):,} params): {label[k]}"
                          for n, k in self.value_paths.items())
 
     @property
