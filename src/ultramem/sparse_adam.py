@@ -246,7 +246,7 @@ class SparseValueAdamW(torch.optim.Optimizer):
 
 def _decay_factors(log_decay: torch.Tensor, last_n: torch.Tensor, t: int, dtype) -> torch.Tensor:
     """prod_{s=last+1..t} (1 - lr_s wd) per row, from the float64 running log-sum."""
-    L = log_decay.to(last_n.device)
+    L = log_decay[: t + 1].to(last_n.device)  # a no-op on CPU; on GPU the used history only
     return torch.exp(L[t] - L.index_select(0, last_n.long())).to(dtype)
 
 
