@@ -245,3 +245,19 @@ def test_trainer_sparse_value_path_logs_and_resumes_exactly(tmp_path):
     second = train(halves, log=lambda *_: None)
     assert [v for _, v in second["losses"]] == [v for _, v in full["losses"]][4:]
     assert second["val_loss"] == full["val_loss"]
+
+
+def test_bench_sweep_prints_table_and_one_json_line(capsys):
+    import json
+
+    from ultramem.bench.optim_bench import main
+
+    main(["--table-values", "1000,8000", "--params-per-value", "4", "--row-dim", "8", "--touched", "64",
+          "--steps", "2"])
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
+    assert summary["largest_params"] == 32000 and len(summary["rows"]) == 10
+    ratios = summary["state_ratio_at_largest"]
+    assert ratios["adamw"] == pytest.approx(2.0, rel=1e-3) and ratios["sparse"] > 2.1  # + int32 step per row
+    assert ratios["sparse_row"] == pytest.approx(1 + 2 / 8, rel=1e-2)  # m; v, step per 8-wide row; history
+    assert ratios["sparse_row_no_m"] == pytest.approx(2 / 8, rel=1e-2)
