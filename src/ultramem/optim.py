@@ -84,10 +84,15 @@ class LRSchedule:
         return self.factor(step) * value_lr_multiplier(step, self.value_lr_mult, self.value_decay_steps)
 
 
-def split_param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Split trainable params into values / no_decay / decay; each param lands in exactly one."""
+def split_param_groups(model: nn.Module, decay_memory_all: bool = False,
+                       ) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Split trainable params into values / no_decay / decay; each param lands in exactly one.
+
+    decay_memory_all: the memory layers' norm gains and Tucker cores go to `decay` too (the
+    authors' recipe decays every memory tensor; by default gains and cores are not decayed)."""
     value_params = model.value_parameters() if hasattr(model, "value_parameters") else []
     value_ids = {id(p) for p in value_params}
+    memory_ids = {id(p) for m in memory_layers(model) for p in m.parameters()} if decay_memory_all else set()
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {g: [] for g in GROUP_NAMES}
     seen: dict[int, str] = {}
     # named_parameters() drops duplicates (tied weights), so a tied param is grouped once.
@@ -96,6 +101,8 @@ def split_param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Paramet
             continue
         if id(p) in value_ids:
             g = "values"
+        elif id(p) in memory_ids:
+            g = "decay"
         elif p.ndim < 2 or name.endswith("cores"):
             g = "no_decay"
         else:
@@ -311,7 +318,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, valu
                     betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                     total_steps: int | None = None, warmup_steps: int = 0, min_lr_ratio: float = 0.1,
                     value_lr_decay_frac: float = 0.25, sparse_values: bool | None = None,
-                    value_optimizer: str = "adamw", value_weight_decay: float = 0.0) -> Optimizer:
+                    value_optimizer: str = "adamw", value_weight_decay: float = 0.0,
+                    decay_memory_all: bool = False) -> Optimizer:
     """AdamW (+ SparseAdam / SparseValueAdamW per value_optimizer) with the contract's groups and schedules.
 
     total_steps=None disables the schedule: every group keeps `lr` (values included).
@@ -326,7 +334,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, valu
         raise ValueError(f"value_weight_decay: must be >= 0 (got {value_weight_decay})")
     if not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"betas must lie in [0, 1), got {betas}")
-    groups = split_param_groups(model)
+    groups = split_param_groups(model, decay_memory_all)
     if sparse_values is None:
         sparse_values = detect_sparse_values(model)
     paths = resolve_value_paths(groups["values"], value_optimizer, bool(sparse_values))

@@ -80,6 +80,10 @@ class TrainConfig(ConfigBase):
         "`sparse_row` SparseValueAdamW (full / per-row second moment), `auto` `sparse` for big tables")
     value_weight_decay: float = param(0.0, "decoupled weight decay of the value tables (lazy and exact on "
                                       "the sparse paths)", ge=0)
+    memory_decay_all: bool = param(False, "also weight-decay the memory's norm gains and Tucker cores (keys "
+                                   "and projections always are)")
+    recipe: Literal["paper", "authors"] = param("paper", "defaults for the memory's training recipe "
+                                                "(README, 'Recipes'); fields set explicitly win")
     dtype: Literal["auto", "fp32", "bf16"] = param("auto", "`auto`: bf16 autocast on CUDA, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = param("auto", "`auto`: CUDA when available")
     threads: int = param(0, "torch CPU threads (0 keeps torch's default)", ge=0)
@@ -128,13 +132,36 @@ class RunConfig(ConfigBase):
             if name in d and not isinstance(d[name], dict):
                 fail(name, "must be a table of keys", d[name])
         data = DataConfig.from_dict(dict(d.get("data", {})))
-        train = TrainConfig.from_dict(dict(d.get("train", {})))
-        model = {"vocab_size": data.vocab_size, "max_seq_len": train.seq_len, **d.get("model", {})}
+        train_d, model_d = apply_recipe(dict(d.get("train", {})), dict(d.get("model", {})))
+        train = TrainConfig.from_dict(train_d)
+        model = {"vocab_size": data.vocab_size, "max_seq_len": train.seq_len, **model_d}
         try:
             lm = LMConfig.from_dict(model)
         except ValueError as e:
             raise ValueError(f"model.{e}") from None
         return cls(model=lm, data=data, train=train)
+
+
+# The memory's training recipe: what the paper describes (today's defaults) and what the authors'
+# code does (SPEC section 9): weight decay on values, gains and cores, the value lr decaying over
+# the whole run, their init. Placement (which blocks a memory reads) stays the model's own field.
+RECIPES = {
+    "paper": {"train": {}, "memory": {}},
+    "authors": {"train": {"value_weight_decay": 0.1, "memory_decay_all": True, "value_lr_decay_frac": 1.0},
+                "memory": {"init": "authors"}},
+}
+
+
+def apply_recipe(train: dict, model: dict) -> tuple[dict, dict]:
+    """The train / model tables with `train.recipe`'s defaults filled in under what was given."""
+    name = train.get("recipe", "paper")
+    if name not in RECIPES:
+        fail("train.recipe", f"must be one of {sorted(RECIPES)}", name)
+    recipe = RECIPES[name]
+    train = {**recipe["train"], **train}
+    if recipe["memory"] and model.get("ffn") == "ultramem" and isinstance(model.get("memory", {}), dict):
+        model = {**model, "memory": {**recipe["memory"], **model.get("memory", {})}}
+    return train, model
 
 
 # ---------------------------------------------------------------- helpers
@@ -266,7 +293,7 @@ def _setup(cfg: RunConfig, out: Path, log, data) -> _Session:
                           betas=(tc.beta1, tc.beta2), eps=tc.eps, total_steps=tc.steps,
                           warmup_steps=tc.warmup_steps, min_lr_ratio=tc.min_lr_ratio,
                           value_lr_decay_frac=tc.value_lr_decay_frac, value_optimizer=tc.value_optimizer,
-                          value_weight_decay=tc.value_weight_decay)
+                          value_weight_decay=tc.value_weight_decay, decay_memory_all=tc.memory_decay_all)
     sampler = TrainBatchSampler(data.train, tc.batch_size, tc.seq_len, seed=tc.seed, device=device)
     resolved = cfg.to_dict()
     resolved["model"] = mcfg.to_dict()
