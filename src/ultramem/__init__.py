@@ -18,6 +18,7 @@ from .layers import PKMLayer, UltraMemLayer
 from .memory import MemoryLayer, Retrieved, TableFactory, memory_layers
 from .offload import OffloadedValueTable, offload_values
 from .quantized import QuantizedValueTable, load_quantized, quantize_values, save_quantized
+from .v2 import UltraMemV2Config, UltraMemV2Layer
 from .values import ValueTable
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "TableFactory",
     "UltraMemConfig",
     "UltraMemLayer",
+    "UltraMemV2Config",
+    "UltraMemV2Layer",
     "ValueTable",
     "load_quantized",
     "memory_layers",

@@ -11,6 +11,7 @@ Shape legend: T tokens, K kept entries per token, G bags per token, C chunks, N 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .ops import dispatch
@@ -64,6 +65,16 @@ class ValueTable(nn.Module):
     def rows(self) -> torch.Tensor:
         """The table as (N, dim) (a view; for inspection and tests)."""
         return self.weight.view(self.num_rows, self.dim)
+
+    def gather(self, row_X: torch.Tensor) -> torch.Tensor:
+        """The full rows (..., dim) at `row_X` (all chunks), with autograd (row-sparse when `sparse`):
+        for per-row products such as UltraMemV2's pre-value dots, where pooling is not wanted."""
+        if self.read_counts is not None and self.training:
+            flat = row_X.reshape(-1)
+            self.read_counts.index_add_(0, flat, torch.ones_like(flat))
+        C = self.num_chunks
+        idx_XC = row_X.unsqueeze(-1) * C + torch.arange(C, device=row_X.device)
+        return F.embedding(idx_XC, self.weight, sparse=self.sparse).reshape(*row_X.shape, self.dim)
 
     def pool(self, row_TK: torch.Tensor, bag_TK: torch.Tensor | None, w_TKC: torch.Tensor,
              num_bags: int = 1, impl: str | None = None) -> torch.Tensor:

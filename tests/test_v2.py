@@ -1,0 +1,213 @@
+"""UltraMemV2: config errors, pre-value pooling vs its oracle (forward and backward), exact search
+vs a brute force written here, shared pools, init statistics, decode equivalence."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ultramem import ValueTable
+from ultramem.ffn import SwiGLU
+from ultramem.v2 import (
+    UltraMemV2Config,
+    UltraMemV2Layer,
+    build_layers,
+    gather_rows,
+    peer_reference,
+    solve_value_std,
+)
+
+
+def small_cfg(**kw):
+    base = dict(dim=24, num_keys=5, key_dim=8, value_dim=12, pre_value_dim=4, topk=6, depth=2)
+    base.update(kw)
+    return UltraMemV2Config(**base)
+
+
+@pytest.mark.parametrize("field, kw", [
+    ("dim", dict(dim=0)),
+    ("value_expansion", dict(value_expansion=3)),
+    ("value_dim", dict(value_dim=7)),
+    ("topk", dict(topk=200)),
+    ("stage1_topk", dict(stage1_topk=11)),
+    ("share_ratio", dict(share_ratio=1.5)),
+    ("share_group", dict(share_group=0)),
+    ("pre_value_act", dict(pre_value_act="relu")),
+    ("init", dict(init="authors")),
+    ("norm", dict(norm="batch")),
+    ("query_per_rank", dict(query_per_rank="yes")),
+    ("value_init_std", dict(value_init_std=-1.0)),
+    ("ffn_init_std", dict(ffn_init_std=0)),
+    ("pre_value_dim", dict(pre_value_dim=0)),
+])
+def test_bad_config_names_field(field, kw):
+    with pytest.raises(ValueError, match=rf"^{field}: .*\(got "):
+        small_cfg(**kw)
+
+
+def test_build_layers_checks_depth_with_windows():
+    with pytest.raises(ValueError, match=r"^depth: "):
+        build_layers(small_cfg(share_ratio=0.5, depth=2), 3)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_value_table_gather_matches_rows(sparse):
+    torch.manual_seed(0)
+    table = ValueTable(7, 6, num_chunks=2, sparse=sparse)
+    table.init_weights(1.0)
+    row = torch.randint(0, 7, (4, 5))
+    got = table.gather(row)
+    assert torch.equal(got, table.rows()[row])
+    (got * torch.arange(6.0)).sum().backward()
+    grad = table.weight.grad.to_dense() if sparse else table.weight.grad
+    ref = torch.zeros(7, 6).index_add_(0, row.reshape(-1), torch.arange(6.0).expand(20, 6))
+    torch.testing.assert_close(grad.view(7, 6), ref)
+    # tables without `gather` serve rows through their `pool` (one bag per kept entry)
+    torch.testing.assert_close(gather_rows(_PoolOnly(table), row), table.rows()[row])
+
+
+class _PoolOnly(torch.nn.Module):
+    def __init__(self, table):
+        super().__init__()
+        self.table, self.num_chunks = table, table.num_chunks
+
+    def pool(self, *args):
+        return self.table.pool(*args)
+
+
+def _oracle_output(layer, x):
+    """The layer's output from its own retrieval but pooled by `peer_reference` on plain rows."""
+    cfg = layer.cfg
+    B, T, _ = x.shape
+    idx, s = layer.retrieval(x)
+    row, bag = layer.slot_locations(idx.reshape(B * T, -1))
+    z = layer.w_pre(x).reshape(B * T, -1)
+    pooled = peer_reference(layer.values.rows(), layer.pre_values.rows(), row, bag,
+                            s.reshape(B * T, -1, cfg.num_cores), z, cfg.value_expansion, cfg.pre_value_act)
+    return layer.w_o(pooled.reshape(B, T, -1))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(value_expansion=4), dict(pre_value_act="gelu", num_cores=1),
+                                dict(query_per_rank=False, value_expansion=4, pre_value_act="gelu"),
+                                dict(share_ratio=0.6)])
+@pytest.mark.parametrize("lookup", ["fused", "reference"])
+def test_pooling_with_pre_values_matches_oracle(kw, lookup):
+    torch.manual_seed(1)
+    layer = UltraMemV2Layer(small_cfg(lookup=lookup, value_init_std=0.5, **kw))
+    twin = copy.deepcopy(layer)
+    twin.after_optimizer_step()  # a copy has fresh version counters: re-stamp its Tucker refresh
+    x = torch.randn(2, 7, 24)
+    out, ref = layer(x), _oracle_output(twin, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    for (name, p), q in zip(layer.named_parameters(), twin.parameters(), strict=True):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _brute_force_topk(layer, x):
+    """Top-m virtual slots by explicit per-rank queries, normed keys and the summed cores."""
+    cfg, ret = layer.retrieval.cfg, layer.retrieval
+    B, T, _ = x.shape
+    R, Dk = cfg.tucker_rank, cfg.key_dim
+    q = F.layer_norm(ret.w_q(x).view(B, T, 2, R, Dk), (Dk,), eps=1e-6)
+    q_row, q_col = q[:, :, 0] * ret.q_row_norm, q[:, :, 1] * ret.q_col_norm  # (B, T, R, Dk)
+    k_row = F.layer_norm(ret.keys_row, (Dk,), eps=1e-6) * ret.k_row_norm  # (H, P, R, Dk)
+    k_col = F.layer_norm(ret.keys_col, (Dk,), eps=1e-6) * ret.k_col_norm
+    s_row = torch.einsum("btrk,hprk->bthrp", q_row, k_row)
+    s_col = torch.einsum("btrk,hprk->bthrp", q_col, k_col)
+    grid = torch.einsum("bthrp,hrs,bthsq->bthpq", s_row, ret.cores.sum(1), s_col)
+    return grid.flatten(-2).topk(cfg.topk, dim=-1).indices
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(tucker_rank=3, num_cores=3, value_dim=12), dict(heads=2)])
+def test_exact_search_matches_brute_force_and_full_stage1(kw):
+    torch.manual_seed(2)
+    layer = UltraMemV2Layer(small_cfg(**kw))
+    with torch.no_grad():
+        layer.retrieval.cores.normal_()  # signed cores: the rank-1 proxy is no longer exact
+        layer.retrieval.refresh_tucker(force=True)
+    x = torch.randn(2, 9, 24)
+    oracle = _brute_force_topk(layer, x).sort(-1).values
+    exact = layer.retrieve(x, exact=True).indices.sort(-1).values
+    assert torch.equal(exact, oracle)
+    # stage 1 keeping every row and column makes the two-stage search exact
+    full = UltraMemV2Layer(layer.cfg.replace(stage1_topk=layer.cfg.keys_per_side))
+    full.load_state_dict(layer.state_dict())
+    assert torch.equal(full.retrieve(x).indices.sort(-1).values, oracle)
+    # the default stage 1 keeps at least part of the exact top-m
+    hits = (layer.retrieve(x).indices.unsqueeze(-1) == oracle.unsqueeze(-2)).any(-1).float().mean()
+    assert hits > 0.3
+
+
+def test_shared_pool_gets_summed_gradient():
+    torch.manual_seed(3)
+    cfg = small_cfg(share_group=3, value_init_std=0.5)
+    layers = build_layers(cfg, 4)
+    assert layers[1].values is layers[0].values and layers[2].pre_values is layers[0].pre_values
+    assert layers[3].values is not layers[0].values  # the next group has its own pool
+    separate = [copy.deepcopy(m) for m in layers[:3]]  # each copy owns a private table
+    for m in separate:
+        m.after_optimizer_step()
+    assert separate[1].values is not separate[0].values
+    xs = [torch.randn(2, 5, 24) for _ in range(3)]
+    sum(m(x).square().sum() for m, x in zip(layers[:3], xs, strict=True)).backward()
+    sum(m(x).square().sum() for m, x in zip(separate, xs, strict=True)).backward()
+    for name in ("values", "pre_values"):
+        summed = sum(getattr(m, name).weight.grad for m in separate)
+        torch.testing.assert_close(getattr(layers[0], name).weight.grad, summed, rtol=1e-5, atol=1e-7)
+
+
+def test_share_ratio_windows_read_their_rows():
+    cfg = small_cfg(share_ratio=0.5, depth=4)
+    assert cfg.table_rows == 4 * 25 and cfg.window_keys == math.isqrt(50)
+    layers = build_layers(cfg, 4)
+    assert all(m.values is layers[0].values for m in layers)
+    every = torch.arange(cfg.num_virtual)
+    for i, m in enumerate(layers):
+        rows = m.physical_rows(every)
+        want = (torch.arange(cfg.window_rows) + i * 25) % cfg.table_rows
+        assert torch.equal(rows.unique(), want.unique())
+
+
+def _ffn_variance_ratio(seed, **kw):
+    torch.manual_seed(seed)
+    D, L, hidden = 64, 4, 170
+    layer = UltraMemV2Layer(UltraMemV2Config(dim=D, num_keys=16, key_dim=32, topk=16, depth=L,
+                                             ffn_hidden=hidden, **kw))
+    ffn = SwiGLU(D, hidden)  # LanguageModel.init_weights' init
+    torch.nn.init.normal_(ffn.w_in.weight, std=0.02)
+    torch.nn.init.normal_(ffn.w_down.weight, std=0.02 / math.sqrt(2 * L))
+    x = torch.randn(4, 1024, D)
+    with torch.no_grad():
+        return layer(x).var().item() / ffn(x).var().item()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(value_expansion=4, pre_value_act="gelu")])
+def test_init_output_variance_matches_ffn_branch(kw, caplog):
+    with caplog.at_level("INFO", logger="ultramem.v2"):
+        ratios = [_ffn_variance_ratio(seed, **kw) for seed in range(3)]
+    assert "sigma_s" in caplog.text and "sigma_V" in caplog.text
+    assert 0.8 < sum(ratios) / len(ratios) < 1.2, ratios
+
+
+def test_solve_value_std_inverts_the_balance():
+    std = solve_value_std(1e-3, kept=32, bags=4, mean_sq_score=2.0, p_dim=8)
+    assert math.isclose(32 / 4 * 2.0 * 8 * std ** 4, 1e-3, rel_tol=1e-9)
+    g = solve_value_std(1e-3, kept=32, bags=4, mean_sq_score=2.0, p_dim=8, act="gelu")
+    a = torch.randn(2_000_000, dtype=torch.float64) * math.sqrt(8) * g
+    assert math.isclose(32 / 4 * 2.0 * F.gelu(a).square().mean().item() * g * g, 1e-3, rel_tol=0.02)
+
+
+def test_step_by_step_equals_full_forward():
+    torch.manual_seed(4)
+    layer = UltraMemV2Layer(small_cfg()).eval()
+    x = torch.randn(2, 6, 24)
+    state = layer.new_state()
+    assert state is None
+    steps = torch.cat([layer(x[:, t:t + 1], state) for t in range(6)], dim=1)
+    torch.testing.assert_close(steps, layer(x), rtol=1e-5, atol=1e-7)
