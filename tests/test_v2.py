@@ -211,3 +211,109 @@ def test_step_by_step_equals_full_forward():
     assert state is None
     steps = torch.cat([layer(x[:, t:t + 1], state) for t in range(6)], dim=1)
     torch.testing.assert_close(steps, layer(x), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------ the LM
+
+
+def _lm(**kw):
+    from ultramem.model import LanguageModel, LMConfig
+
+    base = dict(vocab_size=64, dim=24, n_layers=4, n_heads=2, max_seq_len=32, ffn="ultramem_v2",
+                memory=dict(num_keys=5, key_dim=8, value_dim=12, pre_value_dim=4, topk=6, share_group=2))
+    base.update(kw)
+    torch.manual_seed(5)
+    return LanguageModel(LMConfig(**base))
+
+
+def test_lm_places_a_memory_beside_every_ffn_and_shares_pools():
+    model = _lm()
+    assert model.cfg.memory_placement == "0:0/1:1/2:2/3:3" and len(model.memory) == 4
+    mem = model.memory
+    assert mem[1].values is mem[0].values and mem[2].values is not mem[0].values
+    assert mem[0].cfg.depth == 4 and mem[0].cfg.ffn_hidden == model.cfg.ffn_hidden
+    vals = model.value_parameters()
+    assert len(vals) == len({id(p) for p in vals}) == 4  # 2 pools x (values, pre-values), once each
+
+
+def test_lm_counts_shared_pools_once():
+    from ultramem.counting import count_params
+
+    model = _lm()
+    counts = count_params(model)
+    unique = {id(p): p for p in model.parameters()}
+    assert counts["total"] == sum(p.numel() for p in unique.values())
+    cfg = model.memory[0].cfg
+    assert counts["memory_values"] == 2 * cfg.table_rows * (cfg.v_dim + cfg.p_dim)
+    # activated: every layer reads its K rows of both tables, shared or not
+    dense = sum(p.numel() for p in unique.values()) - counts["sparse"] - counts["embedding"]
+    assert counts["activated"] == dense + 4 * cfg.topk * (cfg.v_dim + cfg.p_dim)
+
+
+def test_lm_decode_with_kv_cache_equals_full_forward():
+    model = _lm().eval()
+    idx = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.new_kv_cache(2)
+        first, _ = model(idx[:, :4], kv_cache=cache)
+        rest = [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(4, 10)]
+    torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_lm_config_v2_fields():
+    from ultramem.model import LMConfig
+
+    mem = dict(num_keys=5, key_dim=8, value_dim=12, pre_value_dim=4, topk=6)
+    cfg = LMConfig(dim=24, n_heads=2, ffn="ultramem_v2", memory=mem, memory_compute_ratio=0.3)
+    from ultramem.v2 import memory_flops_per_token
+
+    mem_flops = memory_flops_per_token(cfg.memory_config())
+    ratio = mem_flops / (mem_flops + 6 * 24 * cfg.ffn_hidden)
+    assert abs(ratio - 0.3) < 0.01
+    assert LMConfig.from_dict(cfg.to_dict()) == cfg
+    for field, kw in [("memory_placement", dict(memory_placement="0:1")),
+                      ("memory_compute_ratio", dict(memory_compute_ratio=1.5)),
+                      ("ffn_hidden", dict(memory_compute_ratio=0.3, ffn_hidden=8))]:
+        with pytest.raises(ValueError, match=rf"^{field}: "):
+            LMConfig(dim=24, n_heads=2, ffn="ultramem_v2", memory=mem, **kw)
+    with pytest.raises(ValueError, match=r"^memory_compute_ratio: "):
+        LMConfig(dim=24, n_heads=2, ffn="dense", memory_compute_ratio=0.3)
+
+
+def test_lm_diagnostics_per_layer():
+    from ultramem.diagnostics import MemoryProbe
+
+    model = _lm().eval()
+    with MemoryProbe(model, recall_tokens=8) as probe, torch.no_grad():
+        model(torch.randint(0, 64, (2, 12)))
+    stats = probe.stats()
+    assert {f"mem{i}_recall" for i in range(4)} <= set(stats)
+    assert all(0 < stats[f"mem{i}_rows_used"] <= 1 for i in range(4))
+
+
+def test_tiny_preset_is_matched():
+    from ultramem.counting import count_params
+    from ultramem.model import LanguageModel, LMConfig
+    from ultramem.presets import MODELS, get_preset
+
+    counts = {k: count_params(LanguageModel(LMConfig.from_dict({**MODELS[k], "vocab_size": 512})))
+              for k in ("dense", "moe", "ultramem-v2")}
+    v2 = counts["ultramem-v2"]
+    assert abs(v2["activated"] / counts["dense"]["activated"] - 1) < 0.01
+    assert abs(v2["total"] / counts["moe"]["total"] - 1) < 0.01
+    assert get_preset("tiny-ultramem-v2")["model"]["ffn"] == "ultramem_v2"
+
+
+def test_lm_checkpoint_round_trip_keeps_pools_shared(tmp_path):
+    from ultramem.checkpoint import load_checkpoint, save_checkpoint
+
+    model, other = _lm(), _lm()
+    with torch.no_grad():
+        model.memory[0].values.weight.add_(1.0)  # differs from `other`, visible through the sharer
+    save_checkpoint(tmp_path / "m.safetensors", model, step=3)
+    load_checkpoint(tmp_path / "m.safetensors", other)
+    assert other.memory[1].values is other.memory[0].values
+    torch.testing.assert_close(other.memory[1].values.weight, model.memory[0].values.weight)
+    idx = torch.randint(0, 64, (1, 8))
+    torch.testing.assert_close(other(idx)[0], model(idx)[0])

@@ -29,12 +29,14 @@ from .config import PKMConfig, UltraMemConfig
 from .ffn import MoE, SwiGLU
 from .layers import PKMLayer, UltraMemLayer
 from .memory import MemoryLayer
+from .v2 import UltraMemV2Config, UltraMemV2Layer, build_layers, ffn_hidden_for_ratio
 
-MEMORY_KINDS = {"pkm": (PKMConfig, PKMLayer), "ultramem": (UltraMemConfig, UltraMemLayer)}
+MEMORY_KINDS = {"pkm": (PKMConfig, PKMLayer), "ultramem": (UltraMemConfig, UltraMemLayer),
+                "ultramem_v2": (UltraMemV2Config, UltraMemV2Layer)}
 IGNORE_INDEX = -100  # targets with this value do not count in the loss (PyTorch's default)
 
 
-FFNKind = Literal["dense", "moe", "pkm", "ultramem"]
+FFNKind = Literal["dense", "moe", "pkm", "ultramem", "ultramem_v2"]
 FFN_KINDS = typing.get_args(FFNKind)
 
 
@@ -63,8 +65,13 @@ class LMConfig(ConfigBase):
     tie_embeddings: bool = param(True, "output head = token embedding")
     dropout: float = param(0.0, "dropout probability", ge=0, lt=1)
     rope_theta: float = param(10000.0, "rotary base", gt=0)
+    memory_compute_ratio: float | None = param(None, "ffn `ultramem_v2` only: the memory's share of "
+                                               "(memory + FFN) FLOPs per token; sets `ffn_hidden`",
+                                               gt=0, lt=1)
 
     def __post_init__(self):
+        if self.ffn == "ultramem_v2":  # UltraMemV2: a memory beside every block's FFN
+            _v2_defaults(self)
         if self.ffn_hidden is None:
             object.__setattr__(self, "ffn_hidden", 8 * math.ceil(8 * _int_or_zero(self.dim) / 3 / 8) or None)
         object.__setattr__(self, "memory", self._memory_config())
@@ -88,6 +95,8 @@ class LMConfig(ConfigBase):
             if mem.get(key) not in (None, self.dim):
                 fail(f"memory.{key}", f"must equal the model dim {self.dim}", mem[key])
         fields = {**mem, "dim": self.dim, "depth": self.n_layers}
+        if self.ffn == "ultramem_v2" and fields.get("ffn_hidden") is None:
+            fields["ffn_hidden"] = self.ffn_hidden  # V2's init matches this FFN's output variance
         try:
             return MEMORY_KINDS[self.ffn][0].from_dict(fields)
         except ValueError as e:
@@ -99,6 +108,13 @@ class LMConfig(ConfigBase):
                  self.n_heads)
         if self.moe_topk > self.moe_experts:
             fail("moe_topk", f"must be <= moe_experts={self.moe_experts}", self.moe_topk)
+        every = "/".join(f"{i}:{i}" for i in range(self.n_layers))
+        if self.ffn == "ultramem_v2" and self.memory_placement != every:
+            fail("memory_placement", f"ffn 'ultramem_v2' puts a memory beside every block's FFN; leave "
+                 f"it empty or give {every!r}", self.memory_placement)
+        if self.ffn != "ultramem_v2" and self.memory_compute_ratio is not None:
+            fail("memory_compute_ratio", f"only used with ffn 'ultramem_v2' (ffn={self.ffn!r})",
+                 self.memory_compute_ratio)
         if self.ffn in MEMORY_KINDS:
             if not self.memory_placement:
                 fail("memory_placement", f"required for ffn={self.ffn!r}, e.g. '0:1/2:3'", "")
@@ -114,6 +130,30 @@ class LMConfig(ConfigBase):
     def memory_config(self) -> ConfigBase | None:
         """The memory layer's config (None without memory layers)."""
         return self.memory
+
+
+def _v2_defaults(cfg: LMConfig) -> None:
+    """ffn "ultramem_v2": placement defaults to every block (i:i), memory to V2's defaults, and
+    memory_compute_ratio sets ffn_hidden (ill-typed fields are left for `check_fields` to name)."""
+    n = _int_or_zero(cfg.n_layers)
+    if cfg.memory_placement == "" and n:
+        object.__setattr__(cfg, "memory_placement", "/".join(f"{i}:{i}" for i in range(n)))
+    if cfg.memory is None:
+        object.__setattr__(cfg, "memory", {})
+    ratio, mem = cfg.memory_compute_ratio, cfg.memory
+    if dataclasses.is_dataclass(mem) and isinstance(mem, ConfigBase):
+        mem = mem.to_dict()
+    valid = isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < 1
+    if not (valid and isinstance(mem, dict) and n and _int_or_zero(cfg.dim)):
+        return
+    try:
+        hidden = ffn_hidden_for_ratio(mem, cfg.dim, n, ratio)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"memory.{e}") from None
+    if cfg.ffn_hidden not in (None, hidden):  # equal is fine: to_dict() -> from_dict() round trips
+        fail("ffn_hidden", f"memory_compute_ratio={ratio} sets it to {hidden}; give one of the two",
+             cfg.ffn_hidden)
+    object.__setattr__(cfg, "ffn_hidden", hidden)
 
 
 def _int_or_zero(v) -> int:
@@ -171,7 +211,10 @@ class LanguageModel(nn.Module):
         self.memory = nn.ModuleList()
         if self.spans:
             layer_cls = MEMORY_KINDS[cfg.ffn][1]
-            self.memory.extend(layer_cls(cfg.memory) for _ in self.spans)
+            if cfg.ffn == "ultramem_v2":  # shared value pools: the layers are built together
+                self.memory.extend(build_layers(cfg.memory, len(self.spans)))
+            else:
+                self.memory.extend(layer_cls(cfg.memory) for _ in self.spans)
         self._reads = {i: n for n, (i, _) in enumerate(self.spans)}
         self._writes = {j: n for n, (_, j) in enumerate(self.spans)}
         cos, sin = rotary_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
@@ -318,7 +361,8 @@ class LanguageModel(nn.Module):
         self.after_optimizer_step()
 
     def value_parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.memory for p in m.value_parameters()]
+        """Every memory's value tensors, once each (UltraMemV2 layers share pools)."""
+        return list({id(p): p for m in self.memory for p in m.value_parameters()}.values())
 
     @torch.no_grad()
     def generate(self, idx_BT: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -185,6 +185,14 @@ def memory_flops_per_token(cfg: UltraMemV2Config) -> int:
                 + cfg.value_expansion * cfg.v_dim * cfg.out_dim)
 
 
+def ffn_hidden_for_ratio(memory: dict, dim: int, depth: int, ratio: float) -> int:
+    """SwiGLU width that makes the V2 memory `ratio` of (memory + FFN) forward FLOPs per token
+    (the paper's memory ~17%); `memory` holds UltraMemV2Config fields (dim, depth are set here)."""
+    fields = {k: v for k, v in memory.items() if k not in ("dim", "depth")}
+    mem = memory_flops_per_token(UltraMemV2Config.from_dict({**fields, "dim": dim, "depth": depth}))
+    return max(1, round(mem * (1 - ratio) / ratio / (2 * 3 * dim)))
+
+
 def _norm(x: torch.Tensor, gain: torch.Tensor | None, kind: str) -> torch.Tensor:
     if kind == "rms":
         return F.rms_norm(x, (x.shape[-1],), gain, eps=1e-6)
