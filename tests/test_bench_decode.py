@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow  # an end-to-end benchmark run in a subprocess
 TINY = replace(decode.quick_shapes(), dim=32, expert_hidden=64, experts=8,
                um=dict(key_dim=8, value_dim=16, heads=2, topk=4, value_expansion=4),
                pkm=dict(key_dim=16, heads=2, topk=4, query_norm="layer"),
+               v2=dict(key_dim=8, heads=1, topk=8, value_dim=12, pre_value_dim=4, share_group=1),
                batches=(1, 4), ratios=(2, 8), sweep_batch=4, vocab=64, n_layers=2, n_heads=2, ctx=8,
                gen_batches=(1, 2), gen_prompt=2, gen_new=2, budget_s=0.0, model_budget_s=0.0, min_reps=2,
                max_reps=2, warmup=1, copy_mb=4, gen_presets=False)
@@ -27,10 +28,10 @@ def report():
 def test_every_candidate_batch_and_ratio_is_measured(report):
     recs = report["records"]
     layer = {(r["name"], r["B"]) for r in recs if r["level"] == "layer" and r["sweep"] == "batch"}
-    names = {"dense", "moe", "ultramem", "ultramem_mem", "pkm", "pkm_mem"}
+    names = {"dense", "moe", "ultramem", "ultramem_mem", "pkm", "pkm_mem", "ultramem_v2", "ultramem_v2_mem"}
     assert layer == {(n, B) for n in names for B in TINY.batches}
     model = {(r["name"], r["B"]) for r in recs if r["level"] == "model" and r["sweep"] == "batch"}
-    assert model == {(n, B) for n in ("dense", "moe", "ultramem", "pkm") for B in TINY.batches}
+    assert model == {(n, B) for n in ("dense", "moe", "ultramem", "pkm", "ultramem_v2") for B in TINY.batches}
     for level in ("layer", "model"):
         sweep = {(r["name"], r["ratio"]) for r in recs if r["level"] == level and r["sweep"] == "ratio"}
         assert sweep == {(n, r) for n in ("dense", "moe", "ultramem", "ultramem_anchor") for r in TINY.ratios}
@@ -38,7 +39,7 @@ def test_every_candidate_batch_and_ratio_is_measured(report):
         assert r["reps"] == 2 and r["p25_ms"] <= r["median_ms"] <= r["p75_ms"]
         assert r["bytes_total"] > 0 and r["tokens_per_s"] > 0
     assert {(g["name"], g["B"]) for g in report["generation"]} == {
-        (n, B) for n in ("dense", "moe", "ultramem", "pkm") for B in TINY.gen_batches}
+        (n, B) for n in ("dense", "moe", "ultramem", "pkm", "ultramem_v2") for B in TINY.gen_batches}
 
 
 def test_bytes_follow_the_accounting_rules(report):
@@ -50,13 +51,17 @@ def test_bytes_follow_the_accounting_rules(report):
     assert rec("layer", "dense", 4)["bytes_total"] == dense["total"]  # batch-independent
     moe = rec("layer", "moe", 1)["bytes"]
     assert moe["distinct_experts"] <= TINY.moe_topk
-    for name in ("moe", "ultramem", "pkm"):  # more tokens never touch less
+    for name in ("moe", "ultramem", "pkm", "ultramem_v2"):  # more tokens never touch less
         assert rec("layer", name, 4)["bytes_total"] >= rec("layer", name, 1)["bytes_total"]
     m = rec("model", "dense", 4)["bytes"]
     assert m["kv_cache"] == 2 * TINY.n_layers * 4 * (TINY.ctx + 1) * TINY.dim * 4
     configs = report["configs"]["layer"]
     assert configs["ultramem"]["total"] == pytest.approx(configs["moe"]["total"], rel=0.05)
     assert configs["ultramem"]["activated"] == pytest.approx(configs["moe"]["activated"], rel=0.05)
+    for level in ("layer", "model"):  # V2 is matched like v1 (its own pool per layer in the bench LM)
+        v2, moe_ = report["configs"][level]["ultramem_v2"], report["configs"][level]["moe"]
+        assert v2["total"] == pytest.approx(moe_["total"], rel=0.05)
+        assert v2["activated"] == pytest.approx(moe_["activated"], rel=0.05)
 
 
 def test_outputs_json_markdown_and_pngs(report, tmp_path):

@@ -64,8 +64,8 @@ def memory_rows(layer: MemoryLayer, idx: torch.Tensor) -> torch.Tensor:
 
 def memory_layer_bytes(layer: MemoryLayer, idx: torch.Tensor) -> dict:
     """Bytes of one memory layer for the retrieved slots `idx`: distinct rows + everything else."""
-    table = layer.values
-    row_bytes = table.weight.numel() // table.num_rows * table.weight.element_size()
+    # a row is read in every value tensor (UltraMemV2: its value and its pre-value)
+    row_bytes = params_bytes(layer.value_parameters()) // layer.values.num_rows
     rows = int(memory_rows(layer, idx).numel())
     values = {id(p) for p in layer.value_parameters()}
     dense = params_bytes(p for p in layer.parameters() if id(p) not in values)
@@ -196,9 +196,11 @@ def _quadratic(f, a: int):
 def memory_counts(kind: str, dim: int, fields: dict):
     """n -> (total, activated) params of one memory layer with n keys per side, fitted on three tiny
     layers of the real class (so the sizing follows the layer code, not a copy of its formulas)."""
-    from .. import PKMConfig, UltraMemConfig
+    from .. import PKMConfig, UltraMemConfig, UltraMemV2Config, UltraMemV2Layer
 
     def count(n):
+        if kind == "ultramem_v2":
+            return layer_param_counts(UltraMemV2Layer(UltraMemV2Config(dim=dim, num_keys=n, **fields)))
         if kind == "ultramem":
             return layer_param_counts(UltraMemLayer(UltraMemConfig(dim=dim, num_keys=n, **fields)))
         return layer_param_counts(PKMLayer(PKMConfig(dim=dim, num_keys=n, **fields)))

@@ -1,4 +1,5 @@
-"""Decode-speed benchmark of UltraMem, MoE, Dense and PKM (and the public peers), one new token a step.
+"""Decode-speed benchmark of UltraMem (v1 and V2), MoE, Dense and PKM (and the public peers), one new
+token a step.
 
 Layer and full-model level, one new token per sequence, with bytes-read accounting, plots, targets.
 
@@ -15,7 +16,8 @@ What is measured (SPEC section 7, issue 4), all candidates of a group interleave
   (ultramem.presets) and the model-level bench models.
 Bytes per step come from what the step touched (accounting.py). Matched configs (`matched`):
 Dense = SwiGLU(topk * expert width); MoE = experts of that width, top-k, grouped kernel;
-UltraMem / PKM = a narrower SwiGLU plus the memory, sized so that activated params (per token) AND
+UltraMem / PKM / UltraMemV2 = a narrower SwiGLU plus the memory (V2: one beside every block's
+FFN in the LM), sized so that activated params (per token) AND
 total params equal the MoE's (closed form below); `*_mem` rows are the memory alone, beside the
 public peers built at the same memory shape.
 
@@ -36,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import PKMConfig, PKMLayer, UltraMemConfig, UltraMemLayer
+from .. import PKMConfig, PKMLayer, UltraMemConfig, UltraMemLayer, UltraMemV2Config, UltraMemV2Layer
 from ..counting import count_params
 from ..ffn import MoE, SwiGLU
 from ..model import LanguageModel, LMConfig
@@ -57,6 +59,11 @@ class Shapes:
     um: dict = field(default_factory=lambda: dict(key_dim=64, value_dim=256, heads=2, topk=32,
                                                   value_expansion=4))
     pkm: dict = field(default_factory=lambda: dict(key_dim=256, heads=4, topk=32, query_norm="layer"))
+    # UltraMemV2: v1's D_k and m doubled on one head, D_p : D_v = 1 : 3. share_group=1: every
+    # layer of a bench LM has its own pool, so `matched` sizes it like v1 (a shared pool would hold
+    # the same rows in one table addressed by more keys; reads per token are the same).
+    v2: dict = field(default_factory=lambda: dict(key_dim=128, heads=1, topk=64, value_dim=192,
+                                                  pre_value_dim=64, share_group=1))
     # UltraMem n is kept even: n' = 2n then stays a multiple of 4, which retrieval's block top-k
     # needs (at n' % 4 != 0 it falls back to one plain top-k, ~20% slower at B >= 64 on CPU).
     um_keys_multiple: int = 2
@@ -84,6 +91,7 @@ class Shapes:
 def quick_shapes() -> Shapes:
     return Shapes(dim=64, expert_hidden=128, experts=16, um=dict(key_dim=16, value_dim=32, heads=2,
                   topk=8, value_expansion=4), pkm=dict(key_dim=32, heads=2, topk=8, query_norm="layer"),
+                  v2=dict(key_dim=16, heads=1, topk=16, value_dim=24, pre_value_dim=8, share_group=1),
                   batches=(1, 8, 64), ratios=(4, 16), sweep_batch=8, vocab=256, n_layers=2, n_heads=2,
                   placement="0:1", ctx=32, gen_new=8, budget_s=0.3, model_budget_s=0.3, min_reps=3,
                   max_reps=5, warmup=1, copy_mb=64)
@@ -95,9 +103,21 @@ def quick_shapes() -> Shapes:
 def matched(kind: str, sh: Shapes, mem_per_slot: float, experts: int, ffn_hidden: int | None = None):
     """(n, w) of a memory FFN slot matched to the MoE with `experts` (accounting.match_memory)."""
     T, A = moe_slot_counts(sh.dim, sh.expert_hidden, experts, sh.moe_topk)
-    fields = sh.um if kind == "ultramem" else sh.pkm
-    multiple = sh.um_keys_multiple if kind == "ultramem" else 1
+    fields = _fields(sh, kind)
+    multiple = sh.um_keys_multiple if kind in ("ultramem", "ultramem_v2") else 1
     return match_memory(kind, sh.dim, fields, T, A, mem_per_slot, ffn_hidden, multiple)
+
+
+def _fields(sh: Shapes, kind: str) -> dict:
+    return {"ultramem": sh.um, "ultramem_v2": sh.v2, "pkm": sh.pkm}[kind]
+
+
+def _memory(kind: str, dim: int, fields: dict) -> nn.Module:
+    if kind == "ultramem":
+        return UltraMemLayer(UltraMemConfig(dim=dim, **fields))
+    if kind == "ultramem_v2":
+        return UltraMemV2Layer(UltraMemV2Config(dim=dim, **fields))
+    return PKMLayer(PKMConfig(dim=dim, **fields))
 
 
 def experts_at(sh: Shapes, ratio: int) -> int:
@@ -130,7 +150,7 @@ class Cand:
     ratio: float | None = None
 
 
-def _layer_cands(sh: Shapes, ratio: int, dev, dtype, kinds=("dense", "moe", "ultramem", "pkm"),
+def _layer_cands(sh: Shapes, ratio: int, dev, dtype, kinds=("dense", "moe", "ultramem", "pkm", "ultramem_v2"),
                  mem_alone: bool = False, widths: dict | None = None, suffix: str = "") -> list[Cand]:
     """Layer-level candidates at a sparse ratio; widths pins the narrow SwiGLU widths (sweep)."""
     D, E = sh.dim, experts_at(sh, ratio)
@@ -151,9 +171,8 @@ def _layer_cands(sh: Shapes, ratio: int, dev, dtype, kinds=("dense", "moe", "ult
                                     "path": "grouped"}, call=lambda x, m=moe: m(x, path="grouped"))
         else:
             n, w = matched(kind, sh, 1.0, E, None if widths is None else widths[kind])
-            fields = dict(sh.um if kind == "ultramem" else sh.pkm, num_keys=n)
-            mem = (UltraMemLayer(UltraMemConfig(dim=D, **fields)) if kind == "ultramem"
-                   else PKMLayer(PKMConfig(dim=D, **fields)))
+            fields = dict(_fields(sh, kind), num_keys=n)
+            mem = _memory(kind, D, fields)
             add(kind, kind, MemoryBlock(SwiGLU(D, w), mem), {"ffn_hidden": w, "memory": fields})
             if mem_alone:
                 add(f"{kind}_mem", kind, out[-1].module.memory, {"memory": fields})
@@ -237,9 +256,11 @@ def _lm_config(kind: str, sh: Shapes, ratio: int, widths: dict | None = None) ->
         return LMConfig(**base, ffn="dense", ffn_hidden=sh.moe_topk * sh.expert_hidden)
     if kind == "moe":
         return LMConfig(**base, ffn="moe", moe_experts=E, moe_topk=sh.moe_topk, moe_hidden=sh.expert_hidden)
-    f = len(sh.placement.split("/")) / sh.n_layers
+    f = 1.0 if kind == "ultramem_v2" else len(sh.placement.split("/")) / sh.n_layers
     n, w = matched(kind, sh, f, E, None if widths is None else widths[kind])
-    fields = dict(sh.um if kind == "ultramem" else sh.pkm, num_keys=n)
+    fields = dict(_fields(sh, kind), num_keys=n)
+    if kind == "ultramem_v2":  # a memory beside every block's FFN
+        return LMConfig(**base, ffn=kind, ffn_hidden=w, memory=fields)
     return LMConfig(**base, ffn=kind, ffn_hidden=w, memory_placement=sh.placement, memory=fields)
 
 
@@ -420,7 +441,7 @@ def _model_part(sh, base, dev, dt, bench, configs, notes, parts, log, t0) -> lis
     """Model-level groups (batch sizes, ratio sweep) and generation speed; returns the latter."""
     generation = []
     elsize = torch.empty((), dtype=dt).element_size()
-    kinds = ("dense", "moe", "ultramem", "pkm")
+    kinds = ("dense", "moe", "ultramem", "pkm", "ultramem_v2")
     models = [_model_cand(k, k, _lm_config(k, sh, base), dev, dt, base) for k in kinds]
     configs["model"] = _describe(models)
     if "model" in parts:
@@ -473,7 +494,8 @@ def _source_digest() -> dict[str, str]:
     """sha1 (12 hex) of the modules whose speed is measured, to tie numbers to a code state."""
     root = Path(__file__).resolve().parent.parent
     return {name: hashlib.sha1((root / name).read_bytes()).hexdigest()[:12]
-            for name in ("retrieval.py", "values.py", "layers.py", "ffn.py", "model.py", "attention.py")
+            for name in ("retrieval.py", "values.py", "layers.py", "ffn.py", "model.py", "attention.py",
+                         "v2.py")
             if (root / name).is_file()}
 
 
