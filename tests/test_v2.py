@@ -317,3 +317,17 @@ def test_lm_checkpoint_round_trip_keeps_pools_shared(tmp_path):
     torch.testing.assert_close(other.memory[1].values.weight, model.memory[0].values.weight)
     idx = torch.randint(0, 64, (1, 8))
     torch.testing.assert_close(other(idx)[0], model(idx)[0])
+
+
+def test_sparse_value_gradients_match_dense():
+    torch.manual_seed(6)
+    dense = UltraMemV2Layer(small_cfg(value_init_std=0.5))
+    sparse = UltraMemV2Layer(small_cfg(value_init_std=0.5, sparse_values=True))
+    sparse.load_state_dict(dense.state_dict())
+    x = torch.randn(2, 5, 24)
+    dense(x).square().sum().backward()
+    sparse(x).square().sum().backward()
+    for name in ("values", "pre_values"):
+        g = getattr(sparse, name).weight.grad
+        assert g.is_sparse
+        torch.testing.assert_close(g.to_dense(), getattr(dense, name).weight.grad, rtol=1e-5, atol=1e-7)

@@ -4,6 +4,7 @@ from .config import PKMConfig, UltraMemConfig
 from .data import DataConfig
 from .model import LMConfig
 from .train import TrainConfig
+from .v2 import UltraMemV2Config
 
 CONFIG_CLASSES = {"UltraMemConfig": UltraMemConfig, "PKMConfig": PKMConfig, "LMConfig": LMConfig,
-                  "TrainConfig": TrainConfig, "DataConfig": DataConfig}
+                  "TrainConfig": TrainConfig, "DataConfig": DataConfig, "UltraMemV2Config": UltraMemV2Config}

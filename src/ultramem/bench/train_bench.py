@@ -4,11 +4,11 @@ clip, AdamW step, refresh_tucker), interleaved across models so a busy spell hit
     python -m ultramem.bench.train_bench [--models tiny|main] [--threads 2] [--budget 20] [--dtype fp32 bf16]
     ultramem bench train ...
 
-`tiny` = the presets of `ultramem compare` (d=64); `main` = the experiment suite's matched models
-(d=128, experiments/suites.py). Prints a table and one JSON line last; target (issue 3): UltraMem
-at least 0.6x the dense model's tokens/s at equal activated params. With `--dtype fp32 bf16` every
-model is also timed under CPU bf16 autocast (rows "<model>/bf16", ratio against its fp32 row): the
-measurement behind the experiments' choice of fp32.
+`tiny` = the tiny presets (ultramem.presets.MODELS, d=64, UltraMemV2 included); `main` = the
+experiment suite's matched models (d=128, experiments/suites.py). Prints a table and one JSON
+line last; target (issue 3): UltraMem at least 0.6x the dense model's tokens/s at equal activated
+params. With `--dtype fp32 bf16` every model is also timed under CPU bf16 autocast (rows
+"<model>/bf16", ratio against its fp32 row): the measurement behind the experiments' choice of fp32.
 """
 
 from __future__ import annotations
