@@ -331,3 +331,27 @@ def test_sparse_value_gradients_match_dense():
         g = getattr(sparse, name).weight.grad
         assert g.is_sparse
         torch.testing.assert_close(g.to_dense(), getattr(dense, name).weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_empty_half_precision_and_copies_after_inference():
+    import io
+
+    torch.manual_seed(7)
+    layer = UltraMemV2Layer(small_cfg())
+    for shape in ((0, 3), (2, 0)):
+        x = torch.randn(*shape, 24)
+        assert layer(x).shape == (*shape, 24) and layer.retrieve(x).scores.shape == (*shape, 1, 6, 2)
+    x = torch.randn(1, 4, 24)
+    y = layer(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x), rtol=0.05, atol=0.05 * layer(x).abs().max().item())
+    with torch.inference_mode():
+        layer(x)
+    with torch.no_grad():
+        want = layer(x)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(layer), torch.load(buf, weights_only=False)):  # our own bytes
+        with torch.no_grad():
+            assert torch.equal(other(x), want)

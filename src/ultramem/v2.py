@@ -52,7 +52,7 @@ from torch import nn
 
 from .confbase import ConfigBase, fail, param
 from .config import LookupKind, NormKind, SearchKind
-from .layers import _check_input
+from .layers import _check_input, _compute_dtype, _empty_retrieved
 from .memory import MemoryLayer, Retrieved, TableFactory, default_table_factory
 from .ops.scoring import score_keys
 from .retrieval import TuckerRetrieval
@@ -233,8 +233,8 @@ class V2Retrieval(TuckerRetrieval):
 
     def _key_matrix(self) -> torch.Tensor:
         """The parent's cached key matrix, kept detached: the parent builds it under
-        `inference_mode(False)`, which turns grad mode back on inside `no_grad`, so the cache would
-        otherwise hold a graph (and the layer could not be deep-copied after a no-grad forward)."""
+        `inference_mode(False)`, which turns grad mode back on inside `no_grad`, so the cached
+        tensor would otherwise carry an autograd graph back to the keys."""
         km = super()._key_matrix()
         if self._key_cache is not None and self._key_cache[1].requires_grad:
             self._key_cache = (self._key_cache[0], self._key_cache[1].detach())
@@ -412,13 +412,21 @@ class UltraMemV2Layer(MemoryLayer):
     def retrieve(self, x_BTD: torch.Tensor, exact: bool = False) -> Retrieved:
         """The kept virtual slots (B, T, H, M) and per-core scores (B, T, H, M, C)."""
         _check_input(x_BTD, self.cfg.dim, "UltraMemV2Layer.retrieve", False)
-        return self.retrieval(x_BTD, exact=exact)
+        if x_BTD.numel() == 0:
+            return _empty_retrieved(x_BTD, self.cfg.heads, self.cfg.topk, self.cfg.num_cores)
+        cast = _compute_dtype(x_BTD, self.retrieval.w_q.weight)
+        return self.retrieval(x_BTD if cast is None else x_BTD.to(cast), exact=exact)
 
     def forward(self, x_BTD: torch.Tensor, state=None, *, exact: bool = False) -> torch.Tensor:
         """(B, T, D) -> (B, T, D_out). V2 carries no decode state (state is accepted, unused)."""
         cfg = self.cfg
         _check_input(x_BTD, cfg.dim, "UltraMemV2Layer", self.training)
         B, T, _ = x_BTD.shape
+        if B * T == 0:  # an empty batch or sequence: an empty output of the right shape
+            return x_BTD.new_zeros(B, T, cfg.out_dim)
+        in_dtype, cast = x_BTD.dtype, _compute_dtype(x_BTD, self.w_o.weight)
+        if cast is not None:  # a half-precision input to an fp32 layer runs in the layer's dtype
+            x_BTD = x_BTD.to(cast)
         retrieved = self.retrieval(x_BTD, exact=exact)
         self._notify_retrieval(retrieved)
         idx_BTHM, s_BTHMC = retrieved
@@ -428,7 +436,8 @@ class UltraMemV2Layer(MemoryLayer):
                              cfg.pre_value_act)
         bags = cfg.value_expansion
         pooled_TGDv = self.values.pool(row_TK, bag_TK if bags > 1 else None, w_TKC, bags)
-        return self.w_o(pooled_TGDv.reshape(B, T, -1).to(self.w_o.weight.dtype))
+        out_BTD = self.w_o(pooled_TGDv.reshape(B, T, -1).to(self.w_o.weight.dtype))
+        return out_BTD if cast is None else out_BTD.to(in_dtype)
 
     def slot_locations(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Virtual slots -> (table row, bag): p = perm[v], bag p // W, row (p % W + offset) % rows
