@@ -355,3 +355,14 @@ def test_empty_half_precision_and_copies_after_inference():
     for other in (copy.deepcopy(layer), torch.load(buf, weights_only=False)):  # our own bytes
         with torch.no_grad():
             assert torch.equal(other(x), want)
+
+
+def test_search_override_reaches_v2_layers():
+    from ultramem.diagnostics import retrieval_recall, search_override
+
+    model = _lm().eval()
+    x = torch.randn(1, 6, 24)
+    with search_override(model, topm_search="exact") as layers:
+        assert len(layers) == 4 and all(m.cfg.topm_search == "exact" for m in layers)
+        assert retrieval_recall(layers[0], x) == 1.0
+    assert all(m.cfg.topm_search == "rank1" for m in model.memory)

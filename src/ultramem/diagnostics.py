@@ -8,6 +8,7 @@ import torch
 
 from .layers import UltraMemLayer
 from .memory import MemoryLayer
+from .v2 import UltraMemV2Layer
 
 
 @torch.no_grad()
@@ -78,11 +79,11 @@ class MemoryProbe:
 
 @contextlib.contextmanager
 def search_override(model, **changes):
-    """Temporarily run every UltraMem layer of `model` with other search settings (for example
+    """Temporarily run every UltraMem (v1 or V2) layer of `model` with other search settings (for example
     `topm_search="exact"` or `stage1_topk=64`), to evaluate a trained model under another search.
 
     The changed config is validated like any other; the original configs come back on exit."""
-    layers = [m for m in model.modules() if isinstance(m, UltraMemLayer)]
+    layers = [m for m in model.modules() if isinstance(m, (UltraMemLayer, UltraMemV2Layer))]
     if not layers:
         raise ValueError("search_override: the model has no UltraMem layer")
     saved = [layer.cfg for layer in layers]
