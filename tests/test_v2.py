@@ -366,3 +366,12 @@ def test_search_override_reaches_v2_layers():
         assert len(layers) == 4 and all(m.cfg.topm_search == "exact" for m in layers)
         assert retrieval_recall(layers[0], x) == 1.0
     assert all(m.cfg.topm_search == "rank1" for m in model.memory)
+
+
+def test_experiment_suite_size_is_matched():
+    from ultramem.experiments.matching import counts_for
+    from ultramem.experiments.suites import MATCHED, SEQ, ULTRAMEM_V2, VOCAB
+
+    v2 = counts_for(ULTRAMEM_V2, VOCAB, SEQ)
+    assert abs(v2["activated"] / counts_for(MATCHED["dense"], VOCAB, SEQ)["activated"] - 1) < 0.01
+    assert abs(v2["total"] / counts_for(MATCHED["moe"], VOCAB, SEQ)["total"] - 1) < 0.01

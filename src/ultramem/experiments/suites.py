@@ -48,6 +48,10 @@ ULTRAMEM = {**BASE, "ffn": "ultramem", "ffn_hidden": 256, "memory_placement": "0
 PKM = {**BASE, "ffn": "pkm", "ffn_hidden": 436, "memory_placement": "2:2",
        "memory": {"num_keys": 300, "key_dim": 64, "heads": 4, "topk": 16}}
 MATCHED = {"dense": DENSE, "moe": MOE, "pkm": PKM, "ultramem": ULTRAMEM}
+# UltraMemV2 at the same sizes (activated within 0.1% of dense, total of MoE; one 300^2-row pool
+# read by all 4 layers, 1 head x top-32). Not in MATCHED yet: adding it adds runs to the suites.
+ULTRAMEM_V2 = {**BASE, "ffn": "ultramem_v2", "ffn_hidden": 216,
+               "memory": {"num_keys": 300, "key_dim": 32, "value_dim": 96, "pre_value_dim": 32, "topk": 32}}
 
 
 def _run(name: str, model: dict, data: dict, seed: int, **train) -> dict:
