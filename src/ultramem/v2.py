@@ -226,10 +226,10 @@ class V2Retrieval(TuckerRetrieval):
         if not self.cfg.query_per_rank:
             return super()._build_key_matrix()
         cfg = self.cfg
-        k_row_HPRK = _norm(self.keys_row, self.k_row_norm * self.q_row_norm, cfg.norm)
-        k_col_HPRK = _norm(self.keys_col, self.k_col_norm * self.q_col_norm, cfg.norm)
-        keys_SRKHP = torch.stack((k_row_HPRK.permute(2, 3, 0, 1), k_col_HPRK.permute(2, 3, 0, 1)))
-        return keys_SRKHP.reshape(2 * cfg.tucker_rank, cfg.key_dim, -1)
+        k_row_HPRDk = _norm(self.keys_row, self.k_row_norm * self.q_row_norm, cfg.norm)
+        k_col_HPRDk = _norm(self.keys_col, self.k_col_norm * self.q_col_norm, cfg.norm)
+        keys_SRDkHP = torch.stack((k_row_HPRDk.permute(2, 3, 0, 1), k_col_HPRDk.permute(2, 3, 0, 1)))
+        return keys_SRDkHP.reshape(2 * cfg.tucker_rank, cfg.key_dim, -1)
 
     def _key_matrix(self) -> torch.Tensor:
         """The parent's cached key matrix, kept detached: the parent builds it under
@@ -278,7 +278,7 @@ def peer_weights(pre_table: nn.Module, row_TK: torch.Tensor, z_TDp: torch.Tensor
 def peer_reference(values_NDv: torch.Tensor, pre_NDp: torch.Tensor, row_TK: torch.Tensor,
                    bag_TK: torch.Tensor | None, s_TKC: torch.Tensor, z_TDp: torch.Tensor, num_bags: int,
                    act: str = "none") -> torch.Tensor:
-    """The oracle of V2's pooling: gather full rows of both tables, weight, sum per bag -> (T, G, V)."""
+    """The oracle of V2's pooling: gather full rows of both tables, weight, sum per bag -> (T, G, Dv)."""
     T, K, C = s_TKC.shape
     pre_TK = torch.einsum("tkd,td->tk", pre_NDp[row_TK], z_TDp)
     if act == "gelu":
