@@ -375,3 +375,22 @@ def test_experiment_suite_size_is_matched():
     v2 = counts_for(ULTRAMEM_V2, VOCAB, SEQ)
     assert abs(v2["activated"] / counts_for(MATCHED["dense"], VOCAB, SEQ)["activated"] - 1) < 0.01
     assert abs(v2["total"] / counts_for(MATCHED["moe"], VOCAB, SEQ)["total"] - 1) < 0.01
+
+
+def test_cli_trains_checkpoints_and_resumes_a_v2_model(tmp_path):
+    from ultramem.checkpoint import read_checkpoint_meta
+    from ultramem.cli import main
+
+    tiny = ["--set", "model.dim=32", "--set", "model.n_heads=2", "--set", "data.num_people=12",
+            "--set", "data.vocab_size=300", "--set", "data.fact_repetitions=2",
+            "--set", "train.warmup_steps=1", "--set", "train.batch_size=2", "--set", "train.seq_len=16",
+            "--set", "train.fact_queries=3",
+            "--set", "train.eval_windows=2", "--set", "train.threads=1", "--no-progress",
+            "--set", f"train.cache_dir={tmp_path / 'cache'}"]
+    run = tmp_path / "run"
+    # read tallies of the shared pool go into the checkpoint once (safetensors refuses aliases)
+    assert main(["train", "--preset", "tiny-ultramem-v2", "--out", str(run), "--set", "train.steps=2",
+                 *tiny]) == 0
+    assert main(["train", "--preset", "tiny-ultramem-v2", "--out", str(run), "--resume",
+                 "--set", "train.steps=3", *tiny]) == 0
+    assert read_checkpoint_meta(run / "checkpoint.safetensors")["step"] == 3

@@ -415,9 +415,14 @@ def _checkpoint(s: _Session) -> None:
 
 
 def _read_counts(model) -> list:
-    """Each memory table's read tally since the last eval (so a resumed run's stats match)."""
-    return [layer.values.read_counts if getattr(layer.values, "read_counts", None) is not None else None
-            for layer in model.memory_layers()]
+    """Each memory table's read tally since the last eval (so a resumed run's stats match); a table
+    several layers read (UltraMemV2's shared pools) is stored once, under its first reader."""
+    seen, out = set(), []
+    for layer in model.memory_layers():
+        counts = getattr(layer.values, "read_counts", None)
+        out.append(None if id(layer.values) in seen else counts)
+        seen.add(id(layer.values))
+    return out
 
 
 def _restore_read_counts(model, saved) -> None:
