@@ -394,3 +394,14 @@ def test_cli_trains_checkpoints_and_resumes_a_v2_model(tmp_path):
     assert main(["train", "--preset", "tiny-ultramem-v2", "--out", str(run), "--resume",
                  "--set", "train.steps=3", *tiny]) == 0
     assert read_checkpoint_meta(run / "checkpoint.safetensors")["step"] == 3
+
+
+@pytest.mark.parametrize("query_per_rank", [True, False])
+def test_no_grad_decode_matches_the_grad_path(query_per_rank):
+    torch.manual_seed(8)
+    layer = UltraMemV2Layer(small_cfg(query_per_rank=query_per_rank)).eval()
+    x = torch.randn(1, 3, 24)  # <= 8 tokens: v1's search-only path where it applies
+    want = layer(x)
+    with torch.no_grad():
+        got = layer(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

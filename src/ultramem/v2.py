@@ -241,6 +241,12 @@ class V2Retrieval(TuckerRetrieval):
             km = self._key_cache[1]
         return km
 
+    def _search_only(self, exact: bool, tokens: int) -> bool:
+        """The parent's no-grad search from folded rank-1 proxy keys assumes one query per side;
+        with a query per rank it would need the ranks' queries folded too, so V2 keeps the full
+        two-stage search there (`query_per_rank=False` takes the parent's path)."""
+        return False if self.cfg.query_per_rank else super()._search_only(exact, tokens)
+
     def _scores(self, x_BTD: torch.Tensor, conv_state=None) -> torch.Tensor:
         """Scores of every key (S, B, T, H, R, P); rank j's keys against rank j's query."""
         if not self.cfg.query_per_rank:
