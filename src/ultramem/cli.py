@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import hf_commands  # --- hf (issue 20)
 from .confbase import read_config_file
 from .experiments import cli as exp_cli
 
@@ -356,6 +357,10 @@ COMMANDS = {
     "bench": ("run a benchmark from ultramem.bench", _bench_args, cmd_bench),
     "exp": ("experiment suites: write configs, run, report (see EXPERIMENTS.md)", exp_cli.add_args,
             exp_cli.handler),
+    # --- hf (issue 20): Hugging Face export (ultramem.hf)
+    "export-hf": ("a run's checkpoint + tokenizer as a Hugging Face model directory",
+                  hf_commands.export_args, hf_commands.cmd_export),
+    # --- end hf
 }
 
 
