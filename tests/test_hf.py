@@ -92,15 +92,22 @@ def test_trainer_steps_change_weights(tmp_path):
     assert not torch.equal(after["model.tok_emb.weight"], before["model.tok_emb.weight"])
 
 
-def test_export_hf_matches_ultramem_generate(tmp_path, capsys):
-    run, out = tmp_path / "run", tmp_path / "hf"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step `ultramem train` run of the tiny-ultramem preset on a 12-person fact corpus."""
+    tmp = tmp_path_factory.mktemp("run")
     tiny = ["--set", "model.dim=32", "--set", "model.n_heads=2", "--set", "data.num_people=12",
             "--set", "data.vocab_size=300", "--set", "data.fact_repetitions=2", "--set", "train.steps=2",
             "--set", "train.warmup_steps=1", "--set", "train.batch_size=2", "--set", "train.seq_len=16",
             "--set", "train.fact_queries=0", "--set", "train.eval_windows=1", "--set", "train.threads=1",
-            "--set", "train.memory_diagnostics=false", "--set", f"train.cache_dir={tmp_path / 'cache'}",
+            "--set", "train.memory_diagnostics=false", "--set", f"train.cache_dir={tmp / 'cache'}",
             "--no-progress"]
-    assert main(["train", "--preset", "tiny-ultramem", "--out", str(run), *tiny]) == 0
+    assert main(["train", "--preset", "tiny-ultramem", "--out", str(tmp / "run"), *tiny]) == 0
+    return tmp / "run"
+
+
+def test_export_hf_matches_ultramem_generate(tmp_path, tiny_run, capsys):
+    run, out = tiny_run, tmp_path / "hf"
     assert main(["export-hf", str(run), str(out)]) == 0
     capsys.readouterr()
     lm, _, tok, _ = load_run(run)
@@ -211,3 +218,20 @@ def test_bad_models_and_configs():
         uh.add_memory(model, MEM, placement="2:2")
     with pytest.raises(ValueError, match="no memory layers"):
         uh.freeze_except_memory(llama())
+
+
+def test_finetune_compares_methods(tmp_path, tiny_run):
+    from ultramem.hf.finetune import FinetuneConfig, run_finetune
+
+    cfg = FinetuneConfig(new_people=2, steps=2, batch_size=2, seq_len=16, eval_windows=1, old_fact_queries=2,
+                         fact_max_new_tokens=3, memory={"num_keys": 8, "key_dim": 16, "heads": 2, "topk": 4})
+    res = run_finetune(tiny_run, tmp_path / "ft", cfg, log=lambda m: None)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == ["before", "memory", "full", "lora"]
+    full = rows["full"]["trainable"]
+    assert 0 < rows["memory"]["trainable"] and 0 < rows["lora"]["trainable"] < full
+    for r in rows.values():
+        assert r["orig_val_loss"] > 0 and 0 <= r["new_fact_acc_seen"] <= 1
+    assert (tmp_path / "ft" / "table.md").read_text().startswith("| method")
+    with pytest.raises(ValueError, match="methods"):
+        FinetuneConfig(methods=("memory", "adapters"))

@@ -357,9 +357,11 @@ COMMANDS = {
     "bench": ("run a benchmark from ultramem.bench", _bench_args, cmd_bench),
     "exp": ("experiment suites: write configs, run, report (see EXPERIMENTS.md)", exp_cli.add_args,
             exp_cli.handler),
-    # --- hf (issue 20): Hugging Face export (ultramem.hf)
+    # --- hf (issue 20): Hugging Face export and memory-only fine-tuning (ultramem.hf)
     "export-hf": ("a run's checkpoint + tokenizer as a Hugging Face model directory",
                   hf_commands.export_args, hf_commands.cmd_export),
+    "finetune": ("teach a trained model new facts: memory-only vs full vs LoRA fine-tuning",
+                 hf_commands.finetune_args, hf_commands.cmd_finetune),
     # --- end hf
 }
 

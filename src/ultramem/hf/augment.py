@@ -1,7 +1,8 @@
 """`add_memory`: UltraMem (or PKM) memory layers inserted into an existing HF causal LM.
 
 A span "i:j" reads block i's normed hidden state (the output of its pre-MLP norm, i.e. exactly
-what block i's MLP reads: Llama/Qwen2/Mistral `post_attention_layernorm`, GPT-2 `ln_2`) and adds
+what block i's MLP reads: Llama/Qwen2/Mistral `post_attention_layernorm`, GPT-2 `ln_2`, our own
+`UltraMemForCausalLM` `norm2`) and adds
 the memory's output to the residual stream after block j, as in `ultramem.model`. The memory's
 output projection (or, without one, its values) starts at zero, so the logits are unchanged
 until the memory is trained.
@@ -30,6 +31,7 @@ from ..config import PKMConfig, UltraMemConfig
 from ..layers import PKMLayer, UltraMemLayer
 from ..memory import memory_layers
 from ..model import parse_placement
+from .modeling import UltraMemForCausalLM
 
 MEMORY_KINDS = {"ultramem": (UltraMemConfig, UltraMemLayer), "pkm": (PKMConfig, PKMLayer)}
 ATTACHMENT = "ultramem_memory"  # attribute of the model (and of its config) holding the memory
@@ -44,7 +46,10 @@ def _families() -> dict[type, tuple[str, str, str]]:
              "Qwen2ForCausalLM": ("Qwen2", "model.layers", "post_attention_layernorm"),
              "Qwen3ForCausalLM": ("Qwen3", "model.layers", "post_attention_layernorm"),
              "GPT2LMHeadModel": ("GPT2", "transformer.h", "ln_2")}
-    return {getattr(tf, name): spec for name, spec in table.items() if hasattr(tf, name)}
+    out = {getattr(tf, name): spec for name, spec in table.items() if hasattr(tf, name)}
+    # Our own LM: Block.forward returns (hidden, normed FFN input); norm2 is its pre-FFN norm.
+    out[UltraMemForCausalLM] = ("UltraMemLM", "model.blocks", "norm2")
+    return out
 
 
 FAMILIES = _families()
