@@ -227,9 +227,10 @@ def test_finetune_compares_methods(tmp_path, tiny_run):
                          fact_max_new_tokens=3, memory={"num_keys": 8, "key_dim": 16, "heads": 2, "topk": 4})
     res = run_finetune(tiny_run, tmp_path / "ft", cfg, log=lambda m: None)
     rows = {r["method"]: r for r in res["rows"]}
-    assert list(rows) == ["before", "memory", "full", "lora"]
+    assert list(rows) == ["before", "memory", "memory_values", "full", "lora"]
     full = rows["full"]["trainable"]
-    assert 0 < rows["memory"]["trainable"] and 0 < rows["lora"]["trainable"] < full
+    assert 0 < rows["memory_values"]["trainable"] < rows["memory"]["trainable"]
+    assert 0 < rows["lora"]["trainable"] < full
     for r in rows.values():
         assert r["orig_val_loss"] > 0 and 0 <= r["new_fact_acc_seen"] <= 1
     assert (tmp_path / "ft" / "table.md").read_text().startswith("| method")

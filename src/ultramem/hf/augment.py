@@ -34,7 +34,8 @@ from ..model import parse_placement
 from .modeling import UltraMemForCausalLM
 
 MEMORY_KINDS = {"ultramem": (UltraMemConfig, UltraMemLayer), "pkm": (PKMConfig, PKMLayer)}
-ATTACHMENT = "ultramem_memory"  # attribute of the model (and of its config) holding the memory
+ATTACHMENT = "ultramem_memory"
+ZERO_KINDS = ("output", "values")  # attribute of the model (and of its config) holding the memory
 
 
 def _families() -> dict[type, tuple[str, str, str]]:
@@ -96,12 +97,18 @@ class MemoryAttachment(nn.Module):
             self.handles.append(blocks[j].register_forward_hook(_WriteHook(self, n)))
 
     @torch.no_grad()
-    def zero_output(self) -> None:
-        """Make every memory's output exactly zero (so an added memory leaves the logits alone)."""
+    def zero_init(self, zero: str = "output") -> None:
+        """Make every memory's output exactly zero, so an added memory leaves the logits alone.
+
+        "output": zero the output projection (without one, PKM's values); everything in the memory
+        then learns from the first steps on. "values": zero the value table and keep the rest, so
+        gradients reach only the value rows a token reads (sparse updates) and nothing else at first.
+        """
         for layer in self.layers:
-            if getattr(layer, "w_o", None) is not None:
-                layer.w_o.weight.zero_()
-            else:  # PKM without an output projection: its values are its output
+            w_o = getattr(layer, "w_o", None)
+            if zero == "output" and w_o is not None:
+                w_o.weight.zero_()
+            else:
                 for p in layer.values.parameters():
                     p.zero_()
 
@@ -164,7 +171,7 @@ def _blocks(model, path: str) -> nn.ModuleList:
     return node
 
 
-def attach(model, entry: dict, zero: bool = True) -> MemoryAttachment:
+def attach(model, entry: dict, zero: str = "output") -> MemoryAttachment:
     """Build the memory described by `entry`, register it on `model` and hook it in."""
     _, path, norm_name = _family(model)
     blocks = _blocks(model, path)
@@ -175,8 +182,7 @@ def attach(model, entry: dict, zero: bool = True) -> MemoryAttachment:
     device = "cpu" if ref.device.type == "meta" or torch.empty(0).device.type == "meta" else ref.device
     with torch.device(device):
         att = MemoryAttachment(entry["kind"], mcfg, spans)
-    if zero:
-        att.zero_output()
+    att.zero_init(zero)
     att.train(model.training)  # a BatchNorm query norm (PKM) must follow the model's mode
     att.to(dtype=ref.dtype)
     if ref.device.type != "meta":
@@ -188,17 +194,20 @@ def attach(model, entry: dict, zero: bool = True) -> MemoryAttachment:
 
 # ---------------------------------------------------------------- public API
 
-def add_memory(model, memory_config, placement: str):
+def add_memory(model, memory_config, placement: str, zero: str = "output"):
     """Insert memory layers into `model` (in place; also returned). See the module doc.
 
     memory_config: UltraMemConfig / PKMConfig, or a dict of UltraMemConfig fields (optionally with
-    "kind": "pkm"); its dim and depth are set from the model. placement: "i:j/i:j" block spans."""
-    family, _, _ = _family(model)
+    "kind": "pkm"); its dim and depth are set from the model. placement: "i:j/i:j" block spans.
+    zero: what starts at zero, "output" (projection) or "values" (table); see MemoryAttachment."""
+    if zero not in ZERO_KINDS:
+        raise ValueError(f"zero: must be one of {ZERO_KINDS} (got {zero!r})")
+    _family(model)
     if getattr(model, ATTACHMENT, None) is not None:
         raise ValueError(f"model: already has memory at {getattr(model.config, ATTACHMENT)['placement']!r}; "
                          "give every span in one add_memory call")
     entry = memory_entry(memory_config, placement)
-    attach(model, entry, zero=True)
+    attach(model, entry, zero=zero)
     model_cls, config_cls = AUGMENTED[type(model)]
     model.config.__class__ = config_cls
     setattr(model.config, ATTACHMENT, entry)
@@ -206,9 +215,11 @@ def add_memory(model, memory_config, placement: str):
     return model
 
 
-def freeze_except_memory(model) -> int:
-    """requires_grad=False on every parameter outside the memory layers; returns the trainable count."""
-    keep = {id(p) for layer in memory_layers(model) for p in layer.parameters()}
+def freeze_except_memory(model, values_only: bool = False) -> int:
+    """requires_grad=False on every parameter outside the memory layers (values_only: outside their
+    value tables); returns the number of trainable parameters left."""
+    keep = {id(p) for layer in memory_layers(model)
+            for p in (layer.value_parameters() if values_only else layer.parameters())}
     if not keep:
         raise ValueError(f"model: {type(model).__name__} has no memory layers to train (use add_memory)")
     for p in model.parameters():
@@ -234,7 +245,7 @@ def _augmented_classes(base: type, family: str) -> tuple[type, type]:
         if entry is None:
             raise ValueError(f"config.{ATTACHMENT}: missing; an {type(self).__name__} needs the memory "
                              "entry that add_memory stores")
-        attach(self, entry, zero=True)
+        attach(self, entry)  # the init is replaced by the loaded weights
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -2,7 +2,10 @@
 
 Methods (each starts from the same trained weights):
 - "memory": `add_memory` (zero-initialised output, so nothing changes at step 0) and
-  `freeze_except_memory`: only the memory layer trains (sparse memory fine-tuning);
+  `freeze_except_memory`: only the memory layer trains (queries, keys, values, output);
+- "memory_values": `add_memory(zero="values")` and only the value table trains, so each step
+  changes just the rows the new-fact tokens read (sparse memory fine-tuning; retrieval and
+  output projection stay at their random init);
 - "full": every parameter trains;
 - "lora": LoRA adapters (peft) on every linear of attention and FFN; only they train.
 
@@ -35,7 +38,7 @@ from .augment import add_memory, freeze_except_memory
 from .configuration import UltraMemLMConfig
 from .modeling import UltraMemForCausalLM
 
-METHODS = ("memory", "full", "lora")
+METHODS = ("memory", "memory_values", "full", "lora")
 
 
 @dataclass
@@ -141,12 +144,15 @@ def _prepare(method: str, hf: UltraMemForCausalLM, cfg: FinetuneConfig) -> list[
                                       target_modules=["qkv", "proj", "w_in", "w_down"]))
         return [{"params": [p for p in hf.parameters() if p.requires_grad], "lr": cfg.lr_lora}]
     n = hf.config.num_hidden_layers
-    add_memory(hf, cfg.memory, cfg.placement or f"{n // 2}:{n // 2}")
-    freeze_except_memory(hf)
+    values_only = method == "memory_values"
+    add_memory(hf, cfg.memory, cfg.placement or f"{n // 2}:{n // 2}",
+               zero="values" if values_only else "output")
+    freeze_except_memory(hf, values_only=values_only)
     values = {id(p) for layer in memory_layers(hf) for p in layer.value_parameters()}
     trainable = [p for p in hf.parameters() if p.requires_grad]
-    return [{"params": [p for p in trainable if id(p) not in values], "lr": cfg.lr_memory},
-            {"params": [p for p in trainable if id(p) in values], "lr": cfg.lr_memory * cfg.value_lr_mult}]
+    groups = [{"params": [p for p in trainable if id(p) in values], "lr": cfg.lr_memory * cfg.value_lr_mult}]
+    rest = [p for p in trainable if id(p) not in values]
+    return groups + ([{"params": rest, "lr": cfg.lr_memory}] if rest else [])
 
 
 def _train(hf: UltraMemForCausalLM, groups: list[dict], tokens: np.ndarray, cfg: FinetuneConfig) -> float:
