@@ -13,7 +13,7 @@ from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
 from ..data import Tokenizer
-from ..train import load_run
+from ..runs import load_run
 from .configuration import UltraMemLMConfig
 from .modeling import UltraMemForCausalLM
 

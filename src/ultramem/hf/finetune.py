@@ -30,10 +30,12 @@ import numpy as np
 import torch
 
 from ..data import DataConfig, prepare_data
-from ..data.facts import FactConfig, FactQuery, generate_people, prompt_for, render
+from ..data.facts import FactConfig, FactQuery, generate_people, name_capacity, prompt_for, render
 from ..data.sampler import TrainBatchSampler
+from ..eval import evaluate, fact_recall
 from ..memory import memory_layers
-from ..train import TrainConfig, evaluate, fact_recall, load_run
+from ..runs import load_run
+from ..train import TrainConfig
 from .augment import add_memory, freeze_except_memory
 from .configuration import UltraMemLMConfig
 from .modeling import UltraMemForCausalLM
@@ -88,7 +90,7 @@ def new_fact_batch(fc: FactConfig, exclude_names: set[str]) -> tuple[list[str], 
     Like `build_fact_corpus`: `fc.repetitions` bios per person, each fact cycling through the
     training templates; one query per fact in the phrasing of pass 0 and one per held-out template."""
     pool = generate_people(dataclasses.replace(fc, num_people=min(4 * fc.num_people + len(exclude_names),
-                                                                  _capacity())))
+                                                                  name_capacity())))
     people = [p for p in pool if p.name not in exclude_names][: fc.num_people]
     if len(people) < fc.num_people:
         raise ValueError(f"new_people: only {len(people)} unused names left (got {fc.num_people})")
@@ -107,14 +109,8 @@ def new_fact_batch(fc: FactConfig, exclude_names: set[str]) -> tuple[list[str], 
     return docs, queries
 
 
-def _capacity() -> int:
-    from ..data.facts import name_capacity
-
-    return name_capacity()
-
-
 class _Prompts:
-    """What `train.fact_recall` needs from a data object: the tokenizer and prompt encoding."""
+    """What `eval.fact_recall` needs from a data object: the tokenizer and prompt encoding."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.eos_id = tokenizer, tokenizer.eos_id
