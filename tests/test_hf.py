@@ -224,10 +224,11 @@ def test_finetune_compares_methods(tmp_path, tiny_run):
     from ultramem.hf.finetune import FinetuneConfig, run_finetune
 
     cfg = FinetuneConfig(new_people=2, steps=2, batch_size=2, seq_len=16, eval_windows=1, old_fact_queries=2,
-                         fact_max_new_tokens=3, memory={"num_keys": 8, "key_dim": 16, "heads": 2, "topk": 4})
+                         fact_max_new_tokens=3, memory={"num_keys": 8, "key_dim": 16, "heads": 2, "topk": 4},
+                         sparse_rows=4, background_batches=2)
     res = run_finetune(tiny_run, tmp_path / "ft", cfg, log=lambda m: None)
     rows = {r["method"]: r for r in res["rows"]}
-    assert list(rows) == ["before", "memory", "memory_values", "full", "lora"]
+    assert list(rows) == ["before", "memory", "memory_values", "memory_sparse", "full", "lora"]
     full = rows["full"]["trainable"]
     assert 0 < rows["memory_values"]["trainable"] < rows["memory"]["trainable"]
     assert 0 < rows["lora"]["trainable"] < full
@@ -236,3 +237,18 @@ def test_finetune_compares_methods(tmp_path, tiny_run):
     assert (tmp_path / "ft" / "table.md").read_text().startswith("| method")
     with pytest.raises(ValueError, match="methods"):
         FinetuneConfig(methods=("memory", "adapters"))
+
+
+def test_sparse_row_selector_keeps_only_top_rows():
+    from ultramem.hf.finetune import _RowSelector
+    from ultramem.values import ValueTable
+
+    table = ValueTable(6, 4, num_chunks=2)
+    sel = _RowSelector([table], top=2)
+    sel.idf = [torch.tensor([1.0, 1.0, 0.0, 2.0, 1.0, 1.0])]  # row 2: read by every background batch
+    table.count_reads(True)
+    table.read_counts += torch.tensor([5, 0, 9, 1, 3, 0])  # scores 5, 0, 0, 2, 3, 0 -> rows 0 and 4
+    table.weight.grad = torch.ones_like(table.weight)
+    sel.mask_grads()
+    kept = table.weight.grad.view(6, 4).abs().sum(1) > 0
+    assert kept.tolist() == [True, False, False, False, True, False]

@@ -6,6 +6,9 @@ Methods (each starts from the same trained weights):
 - "memory_values": `add_memory(zero="values")` and only the value table trains, so each step
   changes just the rows the new-fact tokens read (sparse memory fine-tuning; retrieval and
   output projection stay at their random init);
+- "memory_sparse": as "memory_values", but each step only the `sparse_rows` value rows with the
+  highest TF-IDF score (reads in this batch x rarity in the original data) train: the row choice
+  of sparse memory fine-tuning (Lin et al. 2025, arXiv 2510.15103);
 - "full": every parameter trains;
 - "lora": LoRA adapters (peft) on every linear of attention and FFN; only they train.
 
@@ -36,11 +39,11 @@ from ..eval import evaluate, fact_recall
 from ..memory import memory_layers
 from ..runs import load_run
 from ..train import TrainConfig
-from .augment import add_memory, freeze_except_memory
+from .augment import ATTACHMENT, add_memory, freeze_except_memory
 from .configuration import UltraMemLMConfig
 from .modeling import UltraMemForCausalLM
 
-METHODS = ("memory", "memory_values", "full", "lora")
+METHODS = ("memory", "memory_values", "memory_sparse", "full", "lora")
 
 
 @dataclass
@@ -57,6 +60,8 @@ class FinetuneConfig:
     lr_full: float = 1e-3
     lr_lora: float = 1e-2
     lora_rank: int = 8
+    sparse_rows: int = 256  # memory_sparse: value rows trained per step (per memory layer)
+    background_batches: int = 32  # memory_sparse: original-data batches that set each row's rarity
     placement: str = ""  # memory spans; default "m:m" with m the middle block
     memory: dict = field(default_factory=lambda: {"num_keys": 64, "key_dim": 16, "heads": 2, "topk": 16})
     eval_windows: int = 64  # original-data val windows of seq_len tokens
@@ -73,7 +78,7 @@ class FinetuneConfig:
             raise ValueError(f"methods: must be a non-empty list from {list(METHODS)} "
                              f"(got {list(self.methods)})")
         for name in ("new_people", "repetitions", "steps", "batch_size", "seq_len", "lora_rank",
-                     "eval_windows", "fact_max_new_tokens"):
+                     "eval_windows", "fact_max_new_tokens", "sparse_rows", "background_batches"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: must be an int >= 1 (got {v!r})")
@@ -140,7 +145,7 @@ def _prepare(method: str, hf: UltraMemForCausalLM, cfg: FinetuneConfig) -> list[
                                       target_modules=["qkv", "proj", "w_in", "w_down"]))
         return [{"params": [p for p in hf.parameters() if p.requires_grad], "lr": cfg.lr_lora}]
     n = hf.config.num_hidden_layers
-    values_only = method == "memory_values"
+    values_only = method in ("memory_values", "memory_sparse")
     add_memory(hf, cfg.memory, cfg.placement or f"{n // 2}:{n // 2}",
                zero="values" if values_only else "output")
     freeze_except_memory(hf, values_only=values_only)
@@ -151,7 +156,40 @@ def _prepare(method: str, hf: UltraMemForCausalLM, cfg: FinetuneConfig) -> list[
     return groups + ([{"params": rest, "lr": cfg.lr_memory}] if rest else [])
 
 
-def _train(hf: UltraMemForCausalLM, groups: list[dict], tokens: np.ndarray, cfg: FinetuneConfig) -> float:
+class _RowSelector:
+    """memory_sparse: per step, keep the gradient of only the `top` value rows (per added memory
+    layer) with the highest TF-IDF score: reads in this batch x log((B + 1) / (b + 1)), with b the
+    number of B original-data batches that read the row. Rows the original data reads often are
+    left alone, which is what protects it (the paper's argument)."""
+
+    def __init__(self, tables: list, top: int):
+        self.tables, self.top, self.idf = tables, top, []
+
+    @torch.no_grad()
+    def background(self, lm, sampler: TrainBatchSampler, batches: int) -> None:
+        df = [torch.zeros(t.num_rows) for t in self.tables]
+        for t in self.tables:
+            t.count_reads(True)
+        lm.train()  # reads are counted in training mode
+        for _ in range(batches):
+            lm(next(sampler)[0])
+            for d, t in zip(df, self.tables, strict=True):
+                d += (t.take_read_counts() > 0).float()
+        self.idf = [torch.log((batches + 1) / (d + 1)) for d in df]
+
+    @torch.no_grad()
+    def mask_grads(self) -> None:
+        for t, idf in zip(self.tables, self.idf, strict=True):
+            score = t.take_read_counts().float() * idf
+            best = score.topk(min(self.top, t.num_rows))
+            keep = torch.zeros(t.num_rows, dtype=t.weight.dtype)
+            keep[best.indices[best.values > 0]] = 1  # rows this batch did not read stay out
+            if t.weight.grad is not None:
+                t.weight.grad.mul_(keep.repeat_interleave(t.num_chunks)[:, None])
+
+
+def _train(hf: UltraMemForCausalLM, groups: list[dict], tokens: np.ndarray, cfg: FinetuneConfig,
+           selector: _RowSelector | None = None) -> float:
     """Constant-lr AdamW (no weight decay) on random windows of the new-fact text; last loss.
 
     Runs the wrapped LanguageModel (hooks of an added memory and LoRA layers live inside it)."""
@@ -164,6 +202,8 @@ def _train(hf: UltraMemForCausalLM, groups: list[dict], tokens: np.ndarray, cfg:
         x_BT, y_BT = next(sampler)
         _, loss = lm(x_BT, y_BT)
         loss.backward()
+        if selector is not None:
+            selector.mask_grads()
         opt.step()
         opt.zero_grad(set_to_none=True)
         for layer in added:  # UltraMem's Tucker refresh, as the library's trainer does
@@ -215,24 +255,34 @@ def _run(run, out: Path, cfg: FinetuneConfig, log) -> dict:
              **_measure(base, data, tc, prompts, new_queries, cfg)}]
     log(f"before: {rows[0]}; new-fact text {len(tokens):,} tokens, {len(new_queries)} queries")
     for method in cfg.methods:
-        torch.manual_seed(cfg.seed)
-        lm = copy.deepcopy(base)
-        lm.after_optimizer_step()  # a copied tensor restarts its version counter: re-stamp the Tucker state
-        hf = UltraMemForCausalLM(UltraMemLMConfig(lm_config=base.cfg.to_dict()), lm)
-        groups = _prepare(method, hf, cfg)
-        t0 = time.perf_counter()
-        last = _train(hf, groups, tokens, cfg)
-        row = {"method": method, "trainable": sum(p.numel() for g in groups for p in g["params"]),
-               "seconds": time.perf_counter() - t0, "final_train_loss": last,
-               **_measure(hf.model, data, tc, prompts, new_queries, cfg)}
-        rows.append(row)
-        log(f"{method}: {row}")
+        row = _finetune_one(method, base, data, tokens, cfg)
+        model = row.pop("model")
+        rows.append({**row, **_measure(model, data, tc, prompts, new_queries, cfg)})
+        log(f"{method}: {rows[-1]}")
     table = results_table(rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "run": str(run),
                                                   "rows": rows}, indent=1))
     (out / "table.md").write_text(table + "\n")
     return {"rows": rows, "table": table}
+
+
+def _finetune_one(method: str, base, data, tokens: np.ndarray, cfg: FinetuneConfig) -> dict:
+    """Fine-tune a copy of `base` with `method`; the row's "model" is the trained LanguageModel."""
+    torch.manual_seed(cfg.seed)
+    lm = copy.deepcopy(base)
+    lm.after_optimizer_step()  # a copied tensor restarts its version counter: re-stamp the Tucker state
+    hf = UltraMemForCausalLM(UltraMemLMConfig(lm_config=base.cfg.to_dict()), lm)
+    groups = _prepare(method, hf, cfg)
+    t0 = time.perf_counter()
+    selector = None
+    if method == "memory_sparse":
+        selector = _RowSelector([layer.values for layer in getattr(hf, ATTACHMENT).layers], cfg.sparse_rows)
+        background = TrainBatchSampler(data.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 1)
+        selector.background(hf.model, background, cfg.background_batches)
+    last = _train(hf, groups, tokens, cfg, selector)
+    return {"method": method, "trainable": sum(p.numel() for g in groups for p in g["params"]),
+            "seconds": time.perf_counter() - t0, "final_train_loss": last, "model": hf.model}
 
 
 def results_table(rows: list[dict]) -> str:
