@@ -34,6 +34,7 @@ KINDS = {
     "moe": {"moe_experts": 4, "moe_topk": 2},
     "pkm": {"memory_placement": "0:1", "memory": {**MEM, "query_norm": "layer"}},
     "ultramem": {"memory_placement": "0:0/1:2", "memory": {**MEM, "query_conv": True}},
+    "ultramem_v2": {"memory": {"num_keys": 8, "key_dim": 16, "value_dim": 16, "pre_value_dim": 8, "topk": 8}},
 }
 
 
@@ -59,6 +60,9 @@ def test_auto_round_trip_identical_logits(tmp_path, ffn):
     assert type(loaded) is uh.UltraMemForCausalLM and loaded.config.lm_config == model.config.lm_config
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, ref)
+    if ffn == "ultramem_v2":  # the shared value pool is stored once and shared again after loading
+        first, *rest = [m.values.weight for m in loaded.model.memory]
+        assert rest and all(w is first for w in rest)
 
 
 @pytest.mark.parametrize("ffn", list(KINDS))

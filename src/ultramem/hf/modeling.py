@@ -63,6 +63,9 @@ class UltraMemForCausalLM(UltraMemPreTrainedModel, GenerationMixin):
         if language_model is not None and language_model.cfg.to_dict() != config.lm_config:
             raise ValueError("language_model: its LMConfig differs from config.lm_config")
         self.model = language_model if language_model is not None else _build_language_model(config.lm())
+        # UltraMemV2's layers share one value pool: declare the aliases (target -> source) so
+        # save_pretrained writes the pool once and from_pretrained ties it back.
+        self._tied_weights_keys = _shared_parameters(self)
         self.post_init()
 
     @classmethod
@@ -115,10 +118,19 @@ def _build_language_model(cfg) -> LanguageModel:
     # tensors (the Tucker SVD, the query-gain estimate), which meta tensors cannot do, so an
     # ultramem model is built on the CPU there (the loaded weights then replace the init; the cost
     # is one extra allocation at load). Every other kind inits shape-only and stays on meta.
-    if cfg.ffn == "ultramem" and torch.empty(0).device.type == "meta":
+    if cfg.ffn in ("ultramem", "ultramem_v2") and torch.empty(0).device.type == "meta":
         with torch.device("cpu"):
             return LanguageModel(cfg)
     return LanguageModel(cfg)
+
+
+def _shared_parameters(module: torch.nn.Module) -> dict[str, str]:
+    """{name: first name} for every parameter that is the same tensor as an earlier one."""
+    first, out = {}, {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        out.update({name: first[id(p)]} if id(p) in first else {})
+        first.setdefault(id(p), name)
+    return out
 
 
 def _check_mask(attention_mask: torch.Tensor | None) -> None:
