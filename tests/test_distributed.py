@@ -1,0 +1,86 @@
+"""Sharded value tables on real torch.distributed processes (gloo, CPU), started with torchrun.
+
+Each test launches `tests/dist_worker.py` under `python -m torch.distributed.run` with a timeout
+(a hung collective fails the test instead of stalling CI) and fails on a non-zero exit. The
+single-process layer (same seed) is the reference for every check; see dist_worker.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ultramem import PKMConfig, PKMLayer
+from ultramem.distributed import choose_layout, comm_bytes, init_mesh, spec_bytes
+
+HERE = Path(__file__).parent
+SRC = HERE.parent / "src"
+
+
+def torchrun(nproc: int, *cases: str, script: Path = HERE / "dist_worker.py", timeout: int = 240,
+             extra: tuple[str, ...] = ()) -> str:
+    path = f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *extra, str(script), *cases]
+    # Own session, so that a timeout kills torchrun and every worker it started.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun {cases} timed out after {timeout}s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    out = stdout + stderr
+    assert proc.returncode == 0, out[-6000:]
+    for case in cases:
+        assert f"ok {case}" in stdout, out[-6000:]
+    return out
+
+
+def test_world2_layers_equal_single_process():
+    """UltraMem and PKM, both layouts: outputs, x/query/key/core/value grads and three AdamW steps
+    equal the single-process layer (1e-5) with uneven sequences per rank."""
+    torchrun(2, *(f"equiv:{k}:{lay}" for k in ("ultramem", "pkm") for lay in ("dim", "row")))
+
+
+def test_world2_pool_skew_empty_errors_memory():
+    """table.pool == ValueTable.pool fwd/bwd when every entry reads rank 0's rows and when a rank
+    has no tokens; non-divisible shapes raise; identical perm; value + Adam memory 1/P."""
+    torchrun(2, *(f"pool:{lay}:{k}" for lay in ("dim", "row") for k in ("uniform", "skew", "empty")),
+             "errors", "memory")
+
+
+def test_world4_ultramem_equal_single_process():
+    torchrun(4, "equiv:ultramem:dim", "equiv:ultramem:row", "pool:row:skew", "pool:dim:empty")
+
+
+def test_cost_model_choice_and_spec_formula():
+    # Wide values favour dim (traffic independent of D_v per entry), narrow ones row.
+    assert choose_layout(4096, entries=160, bags=4, chunks=2, v_dim=384, P=8)[0] == "dim"
+    assert choose_layout(4096, entries=160, bags=1, chunks=1, v_dim=4, P=8)[0] == "row"
+    assert comm_bytes("dim", 100, 8, 1, 1, 16, 1) == 0.0
+    assert spec_bytes("row", 10, 4, 16, 2) == pytest.approx(10 * 4 * 0.5 * (4 + 32))
+    with pytest.raises(ValueError, match="layout"):
+        comm_bytes("cols", 1, 1, 1, 1, 1, 2)
+
+
+def test_init_mesh_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="dp"):
+        init_mesh(dp=0)
+    with pytest.raises(ValueError, match="mp"):
+        init_mesh(dp=1, mp=3)  # world size 1 here: no process group is started
+
+
+def test_single_process_layer_untouched():
+    """Importing the package changes nothing for a plain layer (still a ValueTable)."""
+    layer = PKMLayer(PKMConfig(dim=16, num_keys=4, key_dim=8, heads=1, topk=2))
+    assert type(layer.values).__name__ == "ValueTable"
+    assert layer(torch.randn(1, 2, 16)).shape == (1, 2, 16)
