@@ -84,3 +84,61 @@ def test_single_process_layer_untouched():
     layer = PKMLayer(PKMConfig(dim=16, num_keys=4, key_dim=8, heads=1, topk=2))
     assert type(layer.values).__name__ == "ValueTable"
     assert layer(torch.randn(1, 2, 16)).shape == (1, 2, 16)
+
+
+def _load_expected(folder: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+    return load_file(str(folder / "expected.safetensors"))["out"]
+
+
+def test_dcp_saved_at_2_loads_at_1_and_4_and_converts(tmp_path):
+    """DCP save of a dim-sharded model (+ AdamW state) at world 2; load at 1 into the unsharded
+    model, at 4 into dim- and row-sharded models (the optimizer resharded too); convert to the
+    safetensors checkpoint and back, and the outputs stay the saved ones."""
+    from dist_worker import TwoMemories, probe
+
+    from ultramem.checkpoint import load_checkpoint
+    from ultramem.cli import main as cli_main
+    from ultramem.distributed.checkpoint import convert, load_dcp
+    torchrun(2, f"dcp_save:{tmp_path}:dim")
+    want = _load_expected(tmp_path)
+    plain = TwoMemories(seed=11)
+    assert load_dcp(tmp_path / "ck", plain)["step"] == 1
+    plain.um.after_optimizer_step()
+    torch.testing.assert_close(probe(plain), want, atol=1e-5, rtol=1e-5)
+    single = convert(tmp_path / "ck", tmp_path / "single.safetensors")
+    other = TwoMemories(seed=12)
+    assert load_checkpoint(single, other).step == 1
+    other.um.after_optimizer_step()
+    torch.testing.assert_close(probe(other), want, atol=1e-5, rtol=1e-5)
+    assert cli_main(["ckpt", "convert", str(single), str(tmp_path / "ck2")]) == 0
+    torchrun(4, f"dcp_load:{tmp_path}:dim:ck:1", f"dcp_load:{tmp_path}:row:ck2:0")
+
+
+def test_dcp_save_is_atomic(tmp_path, monkeypatch):
+    """A save that dies inside DCP, or between the two renames, leaves the last good checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from dist_worker import TwoMemories, probe
+
+    from ultramem.distributed import checkpoint as dck
+    model = TwoMemories(seed=3)
+    dck.save_dcp(tmp_path / "ck", model, step=4)
+    want = probe(model)
+
+    def dies(*args, **kw):
+        (Path(kw["checkpoint_id"]) / "__0_0.distcp").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(dcp, "save", dies)
+    with pytest.raises(OSError):
+        dck.save_dcp(tmp_path / "ck", TwoMemories(seed=4), step=5)
+    monkeypatch.undo()
+    fresh = TwoMemories(seed=9)
+    assert dck.load_dcp(tmp_path / "ck", fresh)["step"] == 4
+    torch.testing.assert_close(probe(fresh), want)
+    # Killed after moving the old one aside, before renaming the new one in: `.old` is used.
+    (tmp_path / "ck").rename(tmp_path / ".ck.old")
+    assert dck.load_dcp(tmp_path / "ck", TwoMemories(seed=9))["step"] == 4
+    dck.save_dcp(tmp_path / "ck", model, step=6)  # the next save cleans up
+    assert dck.read_dcp_meta(tmp_path / "ck")["step"] == 6
+    assert not (tmp_path / ".ck.old").exists() and not (tmp_path / ".ck.tmp").exists()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import hf_commands  # --- hf (issue 20)
 from .confbase import read_config_file
+from .distributed import ckpt_cli  # --- dist (issue 16)
 from .experiments import cli as exp_cli
 
 SECTIONS = ("model", "data", "train")
@@ -363,6 +364,9 @@ COMMANDS = {
     "finetune": ("teach a trained model new facts: memory-only vs full vs LoRA fine-tuning",
                  hf_commands.finetune_args, hf_commands.cmd_finetune),
     # --- end hf
+    # --- dist (issue 16): sharded checkpoints
+    "ckpt": ("checkpoint tools: convert DCP (sharded) <-> safetensors", ckpt_cli.add_args, ckpt_cli.handler),
+    # --- end dist
 }
 
 
