@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import pkgutil
 import statistics
 import sys
@@ -122,7 +123,8 @@ def _train_args(p):
 def cmd_train(a) -> int:
     from .train import RunConfig, train
 
-    d = assemble_config(a.preset, a.config, a.set)
+    d = assemble_config(a.preset, a.config, [s for s in a.set if not s.startswith("dist.")])
+    dist_sets = [s for s in a.set if s.startswith("dist.")]
     tr = d.setdefault("train", {})
     if a.out:
         tr["out_dir"] = a.out
@@ -132,9 +134,26 @@ def cmd_train(a) -> int:
         tr["overwrite"] = True
     if a.no_progress:
         tr["progress"] = False
+    if dist_sets or "dist" in d or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _train_distributed(d, dist_sets, a)
     res = train(RunConfig.from_dict(d))
     print(json.dumps({k: v for k, v in res.items() if k not in ("losses", "params")}, indent=1))
     return 130 if res.get("interrupted") else 0
+
+
+def _train_distributed(d: dict, dist_sets: list[str], a) -> int:
+    """torchrun / `--set dist.*`: the sharded trainer (ultramem.distributed.trainer)."""
+    from .distributed.trainer import DistConfig, train_distributed
+    from .train import RunConfig
+
+    dd = {"dist": dict(d.pop("dist", {}))}
+    for s in dist_sets:
+        key, _, raw = s.partition("=")
+        dd["dist"][key.split(".", 1)[1]] = parse_value(raw)
+    res = train_distributed(RunConfig.from_dict(d), DistConfig.from_dict(dd["dist"]))
+    if res.get("world") is None or int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in res.items() if k not in ("losses", "params")}, indent=1))
+    return 0
 
 
 # ---------------------------------------------------------------- eval / generate

@@ -24,6 +24,9 @@ def _pick(layer, layout: str, P: int, tokens_per_step: int) -> str:
     table = layer.values
     bags = getattr(layer.cfg, "value_expansion", 1)
     choice, cost = choose_layout(tokens_per_step, layer.rows_per_token, bags, table.num_chunks, table.dim, P)
+    fits = {"dim": (table.dim // table.num_chunks) % P == 0, "row": table.num_rows % P == 0}
+    if not fits[choice] and fits[{"dim": "row", "row": "dim"}[choice]]:
+        choice = {"dim": "row", "row": "dim"}[choice]  # the cheaper one cannot split this table
     if not dist.is_initialized() or dist.get_rank() == 0:
         log.info("parallelize_memory: %s layout for %s (modelled bytes/rank/step at %d tokens: dim %.3g, "
                  "row %.3g)", choice, type(layer).__name__, tokens_per_step, cost["dim"], cost["row"])
