@@ -144,27 +144,36 @@ def test_dcp_save_is_atomic(tmp_path, monkeypatch):
     assert not (tmp_path / ".ck.old").exists() and not (tmp_path / ".ck.tmp").exists()
 
 
-def _train_args(out: Path, cache: Path) -> list[str]:
-    sets = {"dist.mp": 2, "train.steps": 6, "train.warmup_steps": 1, "train.log_every": 1,
+def _train_args(out: Path, cache: Path, **extra) -> list[str]:
+    sets = {"train.steps": 6, "train.warmup_steps": 1, "train.log_every": 1,
             "train.ckpt_every": 3, "train.eval_every": 0, "train.fact_queries": 0, "train.eval_windows": 4,
             "train.batch_size": 8, "train.seq_len": 32, "train.resume": "auto", "train.cache_dir": str(cache),
-            "train.progress": "false"}
+            "train.progress": "false", **extra}
     return ["train", "--preset", "tiny-ultramem", "--out", str(out),
             *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]
 
 
-def test_torchrun_training_survives_a_killed_rank(tmp_path):
-    """Two ranks, table sharded over both, DDP for the rest. Rank 1 is killed during step 5 of
-    the first attempt; torchrun (--max-restarts 1) restarts both, they resume from the step-3
-    checkpoint, and the logged losses equal an uninterrupted run's: no step lost or repeated."""
+def test_torchrun_training_matches_single_process_and_survives_a_killed_rank(tmp_path):
+    """Two ranks, table sharded over both, DDP for the rest, each rank on its half of the batch:
+    the losses follow the single-process run (1e-5). Then rank 1 is killed during step 5 of a
+    second run's first attempt; torchrun (--max-restarts) restarts both, they resume from the
+    step-3 DCP checkpoint, and the losses equal the uninterrupted run's bit for bit: no step lost
+    or repeated."""
+    from ultramem.cli import main as cli_main
     from ultramem.runs import read_metrics
 
     script = HERE / "dist_train_worker.py"
     cache = tmp_path / "cache"
-    torchrun(2, "0", *_train_args(tmp_path / "a", cache), script=script, check_ok=False)
-    out = torchrun(2, "5", *_train_args(tmp_path / "b", cache), script=script, check_ok=False,
-                   extra=("--max-restarts=1",))
+    two = {"dist.mp": 2}
+    torchrun(2, "0", *_train_args(tmp_path / "a", cache, **two), script=script, check_ok=False)
+    # Restarts beyond the first: gloo's reconnect after a kill sometimes fails here ("connectFullMesh
+    # ... Connection refused", cf. pytorch/pytorch#167288); torchrun then simply tries again.
+    out = torchrun(2, "5", *_train_args(tmp_path / "b", cache, **two), script=script, check_ok=False,
+                   extra=("--max-restarts=3",))
     assert "resumed from" in out and "at step 3" in out, out[-3000:]
-    runs = [[r for r in read_metrics(tmp_path / n) if r["kind"] == "train"] for n in "ab"]
+    assert cli_main(_train_args(tmp_path / "s", cache, **{"train.threads": 1})) == 0
+    runs = [[r for r in read_metrics(tmp_path / n) if r["kind"] == "train"] for n in "abs"]
     assert [r["step"] for r in runs[1]] == list(range(1, 7))
     assert [r["losses"] for r in runs[1]] == [r["losses"] for r in runs[0]]
+    torch.testing.assert_close(torch.tensor([r["losses"] for r in runs[0]]),
+                               torch.tensor([r["losses"] for r in runs[2]]), atol=1e-5, rtol=1e-5)

@@ -4,8 +4,9 @@ The single-process trainer (`ultramem.train`) is not touched; the CLI sends a ru
 has a `dist` section or runs under torchrun (WORLD_SIZE > 1). It reuses the trainer's pieces
 (config, data, model, optimiser, schedule, metrics log) and adds, per step:
 
-- every rank reads its own data: rank r samples `batch_size / world` sequences per step from the
-  stream seeded `seed + 100003 r` (rank 0's is the single-process stream);
+- every rank reads its own data: rank r trains on rows [r b, (r+1) b) (b = batch_size / world) of
+  the single-process run's batch of that step (a pure function of (seed, step)), so a sharded run
+  follows the single-process run up to floating-point summation order;
 - value tables are sharded over `mp` (`parallelize_memory`); their shard gradients (summed over
   the mp group's tokens by the tables' backward) are summed over `dp` and divided by the world
   size, so every parameter sees the gradient of the mean loss over the global batch;
@@ -99,8 +100,7 @@ def _setup(cfg: RunConfig, dc: DistConfig, log) -> _Run:
                           betas=(tc.beta1, tc.beta2), eps=tc.eps, total_steps=tc.steps,
                           warmup_steps=tc.warmup_steps, min_lr_ratio=tc.min_lr_ratio,
                           value_lr_decay_frac=tc.value_lr_decay_frac)
-    sampler = TrainBatchSampler(data.train, tc.batch_size // world, tc.seq_len, seed=tc.seed + 100003 * rank,
-                                device=device)
+    sampler = TrainBatchSampler(data.train, tc.batch_size, tc.seq_len, seed=tc.seed, device=device)
     return _Run(cfg=cfg, dc=dc, out=Path(tc.out_dir), model=model, step_fn=step_fn, opt=opt, sampler=sampler,
                 data=data, mcfg=mcfg, amp=autocast_for(tc.dtype, device), rank=rank, world=world, mesh=mesh)
 
@@ -162,7 +162,9 @@ def _after_step(r: _Run) -> None:
 
 def _train_step(r: _Run) -> torch.Tensor:
     r.opt.set_step(r.step)
-    x, y = r.sampler.batch(r.step)
+    x, y = r.sampler.batch(r.step)  # the single-process global batch; this rank's rows of it
+    b = x.shape[0] // r.world
+    x, y = x[r.rank * b:(r.rank + 1) * b], y[r.rank * b:(r.rank + 1) * b]
     with r.amp:
         _, ce = r.step_fn(x, y)
         aux = r.model.aux_losses()
