@@ -53,9 +53,10 @@ def test_world2_layers_equal_single_process():
 
 def test_world2_pool_skew_empty_errors_memory():
     """table.pool == ValueTable.pool fwd/bwd when every entry reads rank 0's rows and when a rank
-    has no tokens; non-divisible shapes raise; identical perm; value + Adam memory 1/P."""
+    has no tokens; non-divisible shapes raise; identical perm; value + Adam memory 1/P; greedy
+    decoding of a sharded LanguageModel equals the unsharded one's."""
     torchrun(2, *(f"pool:{lay}:{k}" for lay in ("dim", "row") for k in ("uniform", "skew", "empty")),
-             "errors", "memory")
+             "errors", "memory", "generate:dim", "generate:row")
 
 
 def test_world4_ultramem_equal_single_process():
