@@ -155,11 +155,11 @@ def _train_args(out: Path, cache: Path, **extra) -> list[str]:
 
 
 def test_torchrun_training_matches_single_process_and_survives_a_killed_rank(tmp_path):
-    """Two ranks, table sharded over both, DDP for the rest, each rank on its half of the batch:
-    the losses follow the single-process run (1e-5). Then rank 1 is killed during step 5 of a
-    second run's first attempt; torchrun (--max-restarts) restarts both, they resume from the
-    step-3 DCP checkpoint, and the losses equal the uninterrupted run's bit for bit: no step lost
-    or repeated."""
+    """Two ranks, table sharded over both, DDP (and, in a shorter run, FSDP2) for the rest, each
+    rank on its half of the batch: the losses follow the single-process run (1e-5). Then rank 1
+    is killed during step 5 of a second run's first attempt; torchrun (--max-restarts) restarts
+    both, they resume from the step-3 DCP checkpoint, and the losses equal the uninterrupted
+    run's bit for bit: no step lost or repeated."""
     from ultramem.cli import main as cli_main
     from ultramem.runs import read_metrics
 
@@ -172,9 +172,14 @@ def test_torchrun_training_matches_single_process_and_survives_a_killed_rank(tmp
     out = torchrun(2, "5", *_train_args(tmp_path / "b", cache, **two), script=script, check_ok=False,
                    extra=("--max-restarts=3",))
     assert "resumed from" in out and "at step 3" in out, out[-3000:]
+    torchrun(2, "0", *_train_args(tmp_path / "f", cache, **two, **{"dist.dense": "fsdp", "train.steps": 3}),
+             script=script, check_ok=False)
     assert cli_main(_train_args(tmp_path / "s", cache, **{"train.threads": 1})) == 0
-    runs = [[r for r in read_metrics(tmp_path / n) if r["kind"] == "train"] for n in "abs"]
-    assert [r["step"] for r in runs[1]] == list(range(1, 7))
-    assert [r["losses"] for r in runs[1]] == [r["losses"] for r in runs[0]]
-    torch.testing.assert_close(torch.tensor([r["losses"] for r in runs[0]]),
-                               torch.tensor([r["losses"] for r in runs[2]]), atol=1e-5, rtol=1e-5)
+    runs = [[r["losses"][0] for r in read_metrics(tmp_path / n) if r["kind"] == "train"] for n in "absf"]
+    assert [r["step"] for r in read_metrics(tmp_path / "b") if r["kind"] == "train"] == list(range(1, 7))
+    assert runs[1] == runs[0]
+    torch.testing.assert_close(torch.tensor(runs[0]), torch.tensor(runs[2]), atol=1e-5, rtol=1e-5)
+    # FSDP2 for the dense parameters (3 steps: a shorter cosine, so its own single-process run)
+    assert cli_main(_train_args(tmp_path / "s3", cache, **{"train.threads": 1, "train.steps": 3})) == 0
+    single3 = [r["losses"][0] for r in read_metrics(tmp_path / "s3") if r["kind"] == "train"]
+    torch.testing.assert_close(torch.tensor(runs[3]), torch.tensor(single3), atol=1e-5, rtol=1e-5)
