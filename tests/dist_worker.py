@@ -28,8 +28,32 @@ def close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
                              f"vs {tuple(want.shape)}")
 
 
+class V2Pair(torch.nn.Module):
+    """Two UltraMemV2 layers reading one shared pool (values and pre-values), outputs summed."""
+
+    def __init__(self):
+        super().__init__()
+        from ultramem.v2 import UltraMemV2Config, build_layers
+
+        self.cfg = UltraMemV2Config(dim=24, num_keys=4, key_dim=8, topk=6, value_dim=8, pre_value_dim=4,
+                                    depth=2, share_group=2)
+        self.layers = torch.nn.ModuleList(build_layers(self.cfg, 2))
+
+    def value_parameters(self) -> list:
+        return list({id(p): p for m in self.layers for p in m.value_parameters()}.values())
+
+    def after_optimizer_step(self) -> None:
+        for m in self.layers:
+            m.after_optimizer_step()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[0](x) + self.layers[1](x)
+
+
 def make_layer(kind: str, seed: int = 0):
     torch.manual_seed(seed)
+    if kind == "v2":
+        return V2Pair()
     if kind == "ultramem":
         return UltraMemLayer(UltraMemConfig(dim=24, num_keys=4, key_dim=8, value_dim=8, heads=2, topk=6,
                                             value_expansion=4))
@@ -61,11 +85,13 @@ def case_equiv(kind: str, layout: str) -> None:
     ref = make_layer(kind)
     layer = copy.deepcopy(ref)
     parallelize_memory(layer, init_mesh(mp=P), layout=layout)
-    assert layer.values.layout == layout
+    assert all(t.layout == layout for _, t, _ in table_pairs(layer, ref))
+    if kind == "v2":
+        assert layer.layers[0].values is layer.layers[1].values, "the shared pool was split"
     counts = [1 + r % 2 for r in range(P)]
     torch.manual_seed(1)
     x_all = torch.randn(sum(counts), 5, layer.cfg.dim)
-    g_all = torch.randn(sum(counts), 5, layer.cfg.out_dim if kind == "ultramem" else 16)
+    g_all = torch.randn(sum(counts), 5, 16 if kind == "pkm" else layer.cfg.out_dim)
     sl = my_slice(counts, rank)
     opt_ref, opt = optimizer(ref), optimizer(layer)
     for step in range(4):
@@ -87,13 +113,28 @@ def case_equiv(kind: str, layout: str) -> None:
     check_params(layer, ref)
 
 
+def table_pairs(layer, ref) -> list:
+    """(name, sharded table, reference table) for every distinct table (a shared pool once)."""
+    from ultramem import memory_layers
+
+    seen, out = set(), []
+    for i, (mine, theirs) in enumerate(zip(memory_layers(layer), memory_layers(ref), strict=True)):
+        for attr in ("values", "pre_values"):
+            t = getattr(mine, attr, None)
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                out.append((f"layer {i} {attr}", t, getattr(theirs, attr)))
+    return out
+
+
 def check_grads(layer, ref) -> None:
-    dense, values = dense_and_values(layer)
+    dense, _ = dense_and_values(layer)
     ref_params = dict(ref.named_parameters())
     for name, p in dense:
         dist.all_reduce(p.grad)  # what DDP does over the data-parallel ranks (a sum here)
         close(f"grad {name}", p.grad, ref_params[name].grad)
-    close("value grad shard", values[0].grad.to_local(), layer.values.local_slice(ref.values.weight.grad))
+    for name, t, r in table_pairs(layer, ref):
+        close(f"{name} grad shard", t.weight.grad.to_local(), t.local_slice(r.weight.grad))
 
 
 def check_params(layer, ref) -> None:
@@ -101,8 +142,9 @@ def check_params(layer, ref) -> None:
     ref_params = dict(ref.named_parameters())
     for name, p in dense:
         close(f"param {name}", p.detach(), ref_params[name].detach())
-    close("value shard", layer.values.weight.to_local(), layer.values.local_slice(ref.values.weight.detach()))
-    close("full table", layer.values.full_weight(), ref.values.weight.detach())
+    for name, t, r in table_pairs(layer, ref):
+        close(f"{name} shard", t.weight.to_local(), t.local_slice(r.weight.detach()))
+        close(f"{name} full table", t.full_weight(), r.weight.detach())
 
 
 def case_pool(layout: str, skew: str) -> None:

@@ -46,9 +46,10 @@ def torchrun(nproc: int, *cases: str, script: Path = HERE / "dist_worker.py", ti
 
 
 def test_world2_layers_equal_single_process():
-    """UltraMem and PKM, both layouts: outputs, x/query/key/core/value grads and three AdamW steps
+    """UltraMem, PKM and two UltraMemV2 layers sharing one pool (values and pre-values sharded,
+    still shared), both layouts: outputs, x/query/key/core/value grads and three AdamW steps
     equal the single-process layer (1e-5) with uneven sequences per rank."""
-    torchrun(2, *(f"equiv:{k}:{lay}" for k in ("ultramem", "pkm") for lay in ("dim", "row")))
+    torchrun(2, *(f"equiv:{k}:{lay}" for k in ("ultramem", "pkm", "v2") for lay in ("dim", "row")))
 
 
 def test_world2_pool_skew_empty_errors_memory():

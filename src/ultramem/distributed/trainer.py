@@ -124,7 +124,7 @@ def _wrap_dense(model: LanguageModel, dense: str, world: int):
 def _reduce_value_grads(r: _Run) -> None:
     """Shard grads hold the mp group's tokens: add the other dp groups', then make it a mean."""
     group = dp_group(r.mesh)
-    for p in r.model.value_parameters():
+    for p in {id(p): p for p in r.model.value_parameters()}.values():  # a shared pool once
         if p.grad is None:
             continue
         g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
