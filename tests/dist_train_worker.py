@@ -30,4 +30,7 @@ if __name__ == "__main__":
     faulthandler.dump_traceback_later(100, exit=True)  # a hang prints every stack and fails fast
     if int(sys.argv[1]):
         crash_at(int(sys.argv[1]))
-    sys.exit(main(sys.argv[2:]))
+    code = main(sys.argv[2:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip teardown: gloo's threads sometimes abort there (see dist_worker.py)
