@@ -47,6 +47,17 @@ def _empty_retrieved(x_BTD: torch.Tensor, heads: int, kept: int, chunks: int) ->
                      x_BTD.new_zeros(B, T, heads, kept, chunks))
 
 
+def retrieve_tucker(layer, x_BTD: torch.Tensor, exact: bool, name: str) -> Retrieved:
+    """`retrieve` of a layer searching with a `TuckerRetrieval` (v1 and v2): checked input, an
+    empty result for an empty input, half-precision input in the layer's dtype."""
+    cfg = layer.cfg
+    _check_input(x_BTD, cfg.dim, f"{name}.retrieve", False)
+    if x_BTD.numel() == 0:
+        return _empty_retrieved(x_BTD, cfg.heads, cfg.topk, cfg.num_cores)
+    cast = _compute_dtype(x_BTD, layer.retrieval.w_q.weight)
+    return layer.retrieval(x_BTD if cast is None else x_BTD.to(cast), exact=exact)
+
+
 def _legacy_state(state, exact: bool, conv_state, name: str):
     """Accept the 0.1 call forms `layer(x, True)` (exact) and `conv_state=` with a warning."""
     if isinstance(state, bool):
@@ -104,11 +115,7 @@ class UltraMemLayer(MemoryLayer):
 
     def retrieve(self, x_BTD: torch.Tensor, exact: bool = False) -> Retrieved:
         """Top-m virtual slots per head and their per-core scores (exact=True: brute-force oracle)."""
-        _check_input(x_BTD, self.cfg.dim, "UltraMemLayer.retrieve", False)
-        if x_BTD.numel() == 0:
-            return _empty_retrieved(x_BTD, self.cfg.heads, self.cfg.topk, self.cfg.num_cores)
-        cast = _compute_dtype(x_BTD, self.retrieval.w_q.weight)
-        return self.retrieval(x_BTD if cast is None else x_BTD.to(cast), exact=exact)
+        return retrieve_tucker(self, x_BTD, exact, "UltraMemLayer")
 
     def new_state(self) -> ConvState | None:
         """With query_conv, the conv's input history carried between decode steps; else None."""

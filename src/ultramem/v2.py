@@ -52,7 +52,7 @@ from torch import nn
 
 from .confbase import ConfigBase, fail, param
 from .config import LookupKind, NormKind, SearchKind
-from .layers import _check_input, _compute_dtype, _empty_retrieved
+from .layers import _check_input, _compute_dtype, retrieve_tucker
 from .memory import MemoryLayer, Retrieved, TableFactory, default_table_factory
 from .ops.scoring import score_keys
 from .retrieval import TuckerRetrieval
@@ -417,11 +417,7 @@ class UltraMemV2Layer(MemoryLayer):
 
     def retrieve(self, x_BTD: torch.Tensor, exact: bool = False) -> Retrieved:
         """The kept virtual slots (B, T, H, M) and per-core scores (B, T, H, M, C)."""
-        _check_input(x_BTD, self.cfg.dim, "UltraMemV2Layer.retrieve", False)
-        if x_BTD.numel() == 0:
-            return _empty_retrieved(x_BTD, self.cfg.heads, self.cfg.topk, self.cfg.num_cores)
-        cast = _compute_dtype(x_BTD, self.retrieval.w_q.weight)
-        return self.retrieval(x_BTD if cast is None else x_BTD.to(cast), exact=exact)
+        return retrieve_tucker(self, x_BTD, exact, "UltraMemV2Layer")
 
     def forward(self, x_BTD: torch.Tensor, state=None, *, exact: bool = False) -> torch.Tensor:
         """(B, T, D) -> (B, T, D_out). V2 carries no decode state (state is accepted, unused)."""

@@ -23,6 +23,14 @@ POOL_IMPLS = LOOKUP_KINDS  # deprecated name, kept for callers of the 0.1 API
 __all__ = ["LOOKUP_KINDS", "POOL_IMPLS", "ValueTable", "pool_fused", "pool_reference"]
 
 
+def check_table_shape(dim: int, num_chunks: int, lookup: str) -> None:
+    """The rules every value table's geometry follows (in-memory, sharded, quantised, offloaded)."""
+    if dim % num_chunks:
+        raise ValueError(f"dim: must be divisible by num_chunks={num_chunks} (got {dim})")
+    if lookup not in LOOKUP_KINDS:
+        raise ValueError(f"lookup: must be one of {LOOKUP_KINDS} (got {lookup!r})")
+
+
 class ValueTable(nn.Module):
     """N rows of width `dim`, read in `num_chunks` equal chunks; stored as (N * chunks, dim / chunks).
 
@@ -33,10 +41,7 @@ class ValueTable(nn.Module):
     def __init__(self, num_rows: int, dim: int, num_chunks: int = 1, sparse: bool = False,
                  lookup: str = "fused"):
         super().__init__()
-        if dim % num_chunks:
-            raise ValueError(f"dim: must be divisible by num_chunks={num_chunks} (got {dim})")
-        if lookup not in LOOKUP_KINDS:
-            raise ValueError(f"lookup: must be one of {LOOKUP_KINDS} (got {lookup!r})")
+        check_table_shape(dim, num_chunks, lookup)
         self.num_rows, self.dim, self.num_chunks = num_rows, dim, num_chunks
         self.chunk_dim = dim // num_chunks
         self.sparse = sparse

@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from ..ops import dispatch
 from ..ops.pooling import pool_reference
-from ..values import LOOKUP_KINDS
+from ..values import check_table_shape
 from . import comm
 from .mesh import mp_mesh, table_placements
 
@@ -42,10 +42,7 @@ class _ShardedTable(nn.Module):
     def __init__(self, num_rows: int, dim: int, num_chunks: int, mesh: DeviceMesh, lookup: str = "fused",
                  sparse: bool = False):
         super().__init__()
-        if dim % num_chunks:
-            raise ValueError(f"dim: must be divisible by num_chunks={num_chunks} (got {dim})")
-        if lookup not in LOOKUP_KINDS:
-            raise ValueError(f"lookup: must be one of {LOOKUP_KINDS} (got {lookup!r})")
+        check_table_shape(dim, num_chunks, lookup)
         self.num_rows, self.dim, self.num_chunks = num_rows, dim, num_chunks
         self.chunk_dim = dim // num_chunks
         self.lookup = lookup
