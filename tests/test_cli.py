@@ -148,3 +148,12 @@ def test_compare_prints_table_and_plot(tmp_path, capsys):
 def test_bench_is_discoverable(capsys):
     assert main(["bench", "nope"]) == 2
     assert "optim" in capsys.readouterr().err
+
+
+def test_compare_twice_into_one_folder_replaces_its_runs(tmp_path, capsys):
+    args = ["compare", "--kinds", "dense", "--steps", "2", "--out", str(tmp_path / "cmp"), "--no-progress",
+            "--set", "train.eval_every=0", "--set", "train.fact_queries=2",
+            "--set", f"train.cache_dir={tmp_path / 'cache'}"]
+    assert main(args) == 0
+    assert main(args) == 0  # the main job can be rerun: compare's folder holds its own runs
+    assert "total time" in capsys.readouterr().out

@@ -263,7 +263,8 @@ def cmd_plot(a) -> int:
 def _compare_args(p):
     from .presets import COMPARE_KINDS, MODELS
 
-    p.add_argument("--out", default="runs/compare", help="directory for the runs, table and plot")
+    p.add_argument("--out", default="runs/compare",
+                   help="directory for the runs, table and plot (a rerun replaces the runs there)")
     p.add_argument("--kinds", default=",".join(COMPARE_KINDS), help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--seeds", type=int, default=1, help="seeds per kind (mean +- std when > 1)")
     p.add_argument("--steps", type=int, help="shortcut for --set train.steps=N")
@@ -318,6 +319,8 @@ def cmd_compare(a) -> int:
             tr = d["train"]
             tr["out_dir"] = str(out / (kind if a.seeds == 1 else f"{kind}-s{seed}"))
             tr["seed"] = tr.get("seed", 0) + seed
+            if not tr.get("resume"):  # compare's --out holds its own runs: a rerun replaces them
+                tr.setdefault("overwrite", True)
             if a.steps:  # keep the preset's warm-up unless it would not fit
                 tr["steps"] = a.steps
                 tr["warmup_steps"] = min(tr.get("warmup_steps", 0), a.steps // 5)
