@@ -9,6 +9,7 @@ K = H * M entries per token.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -45,6 +46,27 @@ def _empty_retrieved(x_BTD: torch.Tensor, heads: int, kept: int, chunks: int) ->
     B, T, _ = x_BTD.shape
     return Retrieved(torch.zeros(B, T, heads, kept, dtype=torch.long, device=x_BTD.device),
                      x_BTD.new_zeros(B, T, heads, kept, chunks))
+
+
+def checked_forward(name: str):
+    """Decorator of a memory layer's `forward(x_BTD, ...)`, the rules every layer shares: the input
+    is checked; an empty batch or sequence gives an empty output of the right shape; a
+    half-precision input to an fp32 layer (outside autocast) runs in the layer's dtype and the
+    output comes back in the input's."""
+
+    def wrap(forward):
+        @functools.wraps(forward)
+        def checked(self, x_BTD: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            _check_input(x_BTD, self.cfg.dim, name, self.training)
+            B, T, _ = x_BTD.shape
+            if B * T == 0:
+                return x_BTD.new_zeros(B, T, self.cfg.out_dim)
+            cast = _compute_dtype(x_BTD, next(self.parameters()))
+            if cast is None:
+                return forward(self, x_BTD, *args, **kwargs)
+            return forward(self, x_BTD.to(cast), *args, **kwargs).to(x_BTD.dtype)
+        return checked
+    return wrap
 
 
 def retrieve_tucker(layer, x_BTD: torch.Tensor, exact: bool, name: str) -> Retrieved:
@@ -121,18 +143,13 @@ class UltraMemLayer(MemoryLayer):
         """With query_conv, the conv's input history carried between decode steps; else None."""
         return ConvState() if self.cfg.query_conv else None
 
+    @checked_forward("UltraMemLayer")
     def forward(self, x_BTD: torch.Tensor, state: ConvState | None = None, *, exact: bool = False,
                 conv_state: ConvState | None = None) -> torch.Tensor:
         """(B, T, D) -> (B, T, D_out). state: from `new_state()`, for step-by-step decoding."""
         state, exact = _legacy_state(state, exact, conv_state, "UltraMemLayer")
         cfg = self.cfg
-        _check_input(x_BTD, cfg.dim, "UltraMemLayer", self.training)
         B, T, _ = x_BTD.shape
-        if B * T == 0:  # an empty batch or sequence: an empty output of the right shape
-            return x_BTD.new_zeros(B, T, cfg.out_dim)
-        in_dtype, cast = x_BTD.dtype, _compute_dtype(x_BTD, self.w_o.weight)
-        if cast is not None:
-            x_BTD = x_BTD.to(cast)
         retrieved = self.retrieval(x_BTD, exact=exact, conv_state=state)
         self._notify_retrieval(retrieved)
         idx_BTHM, scores_BTHMC = retrieved
@@ -140,8 +157,7 @@ class UltraMemLayer(MemoryLayer):
         w_TKC = scores_BTHMC.reshape(B * T, -1, cfg.num_cores)
         pooled_TGDv = self.values.pool(row_TK, block_TK, w_TKC, cfg.value_expansion)
         pooled = pooled_TGDv.reshape(B, T, -1).to(self.w_o.weight.dtype)
-        out_BTD = self.w_o(pooled)
-        return out_BTD if cast is None else out_BTD.to(in_dtype)
+        return self.w_o(pooled)
 
     def slot_locations(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """IVE: virtual slot ids -> (physical row, expansion block), each of idx's shape, through
@@ -272,16 +288,11 @@ class PKMLayer(MemoryLayer):
         scores = best.softmax(dim=-1) if cfg.softmax else best
         return Retrieved(idx_BTHM, scores.unsqueeze(-1))
 
+    @checked_forward("PKMLayer")
     def forward(self, x_BTD: torch.Tensor, state=None) -> torch.Tensor:
         """(B, T, D) -> (B, T, D_out); PKM carries no decode state (state is accepted and unused)."""
         cfg = self.cfg
-        _check_input(x_BTD, cfg.dim, "PKMLayer", self.training)
         B, T, _ = x_BTD.shape
-        if B * T == 0:  # an empty batch or sequence: an empty output of the right shape
-            return x_BTD.new_zeros(B, T, cfg.out_dim)
-        in_dtype, cast = x_BTD.dtype, _compute_dtype(x_BTD, self.w_q.weight)
-        if cast is not None:
-            x_BTD = x_BTD.to(cast)
         retrieved = self.retrieve(x_BTD)
         self._notify_retrieval(retrieved)
         idx_BTHM, scores_BTHM1 = retrieved
@@ -290,8 +301,7 @@ class PKMLayer(MemoryLayer):
         pooled = pooled.to(x_BTD.dtype)
         if self.w_g is not None:
             pooled = pooled * F.silu(self.w_g(x_BTD))
-        out_BTD = self.w_o(pooled) if self.w_o is not None else pooled
-        return out_BTD if cast is None else out_BTD.to(in_dtype)
+        return self.w_o(pooled) if self.w_o is not None else pooled
 
     def aux_loss(self) -> torch.Tensor:
         return self.subkeys.new_zeros(())

@@ -52,7 +52,7 @@ from torch import nn
 
 from .confbase import ConfigBase, fail, param
 from .config import LookupKind, NormKind, SearchKind
-from .layers import _check_input, _compute_dtype, retrieve_tucker
+from .layers import checked_forward, retrieve_tucker
 from .memory import MemoryLayer, Retrieved, TableFactory, default_table_factory
 from .ops.scoring import score_keys
 from .retrieval import TuckerRetrieval
@@ -419,16 +419,11 @@ class UltraMemV2Layer(MemoryLayer):
         """The kept virtual slots (B, T, H, M) and per-core scores (B, T, H, M, C)."""
         return retrieve_tucker(self, x_BTD, exact, "UltraMemV2Layer")
 
+    @checked_forward("UltraMemV2Layer")
     def forward(self, x_BTD: torch.Tensor, state=None, *, exact: bool = False) -> torch.Tensor:
         """(B, T, D) -> (B, T, D_out). V2 carries no decode state (state is accepted, unused)."""
         cfg = self.cfg
-        _check_input(x_BTD, cfg.dim, "UltraMemV2Layer", self.training)
         B, T, _ = x_BTD.shape
-        if B * T == 0:  # an empty batch or sequence: an empty output of the right shape
-            return x_BTD.new_zeros(B, T, cfg.out_dim)
-        in_dtype, cast = x_BTD.dtype, _compute_dtype(x_BTD, self.w_o.weight)
-        if cast is not None:  # a half-precision input to an fp32 layer runs in the layer's dtype
-            x_BTD = x_BTD.to(cast)
         retrieved = self.retrieval(x_BTD, exact=exact)
         self._notify_retrieval(retrieved)
         idx_BTHM, s_BTHMC = retrieved
@@ -438,8 +433,7 @@ class UltraMemV2Layer(MemoryLayer):
                              cfg.pre_value_act)
         bags = cfg.value_expansion
         pooled_TGDv = self.values.pool(row_TK, bag_TK if bags > 1 else None, w_TKC, bags)
-        out_BTD = self.w_o(pooled_TGDv.reshape(B, T, -1).to(self.w_o.weight.dtype))
-        return out_BTD if cast is None else out_BTD.to(in_dtype)
+        return self.w_o(pooled_TGDv.reshape(B, T, -1).to(self.w_o.weight.dtype))
 
     def slot_locations(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Virtual slots -> (table row, bag): p = perm[v], bag p // W, row (p % W + offset) % rows
