@@ -181,7 +181,7 @@ def cmd_eval(a) -> int:
     tr = dict(run_cfg["train"])
     tr.update({k: v for k, v in (("fact_queries", a.fact_queries), ("eval_windows", a.windows),
                                  ("cache_dir", a.cache_dir), ("device", a.device)) if v is not None})
-    tc = TrainConfig(**tr)
+    tc = TrainConfig.from_dict(tr)
     data = prepare_data(DataConfig.from_dict(run_cfg["data"]), tc.cache_dir,
                         log=lambda m: print(m, file=sys.stderr))
     res = evaluate(model, data, tc, autocast_for(tc.dtype, next(model.parameters()).device))
