@@ -17,7 +17,13 @@ import torch
 import torch.distributed as dist
 
 from ultramem import PKMConfig, PKMLayer, UltraMemConfig, UltraMemLayer, ValueTable
-from ultramem.distributed import DimShardedTable, RowShardedTable, init_mesh, parallelize_memory
+from ultramem.distributed import (
+    DimShardedTable,
+    RowShardedTable,
+    init_distributed,
+    init_mesh,
+    parallelize_memory,
+)
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -295,7 +301,7 @@ CASES = {"generate": case_generate, "equiv": case_equiv, "pool": case_pool, "err
 
 def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    init_distributed("gloo")
     try:
         for spec in argv:  # "equiv:ultramem:dim" runs case_equiv("ultramem", "dim")
             name, *args = spec.split(":")

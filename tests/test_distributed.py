@@ -191,9 +191,9 @@ def test_torchrun_training_matches_single_process_and_survives_a_killed_rank(tmp
     cache = tmp_path / "cache"
     two = {"dist.mp": 2}
     _train_run(tmp_path / "a", "0", _train_args(tmp_path / "a", cache, **two))
-    # Restarts beyond the first: gloo's reconnect after a kill sometimes fails here ("connectFullMesh
-    # ... Connection refused", cf. pytorch/pytorch#167288); torchrun then simply tries again.
-    out = _train_run(tmp_path / "b", "5", _train_args(tmp_path / "b", cache, **two), ("--max-restarts=3",))
+    # One restart is enough: init_distributed gives each attempt its own store prefix, without which
+    # gloo read the killed attempt's addresses and most restarts failed ("connectFullMesh failed").
+    out = _train_run(tmp_path / "b", "5", _train_args(tmp_path / "b", cache, **two), ("--max-restarts=1",))
     assert "resumed from" in out and "at step 3" in out, out[-3000:]
     _train_run(tmp_path / "f", "0", _train_args(tmp_path / "f", cache, **two,
                                                   **{"dist.dense": "fsdp", "train.steps": 3}))

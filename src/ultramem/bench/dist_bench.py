@@ -52,10 +52,17 @@ def worker(layout: str, tokens: int, steps: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from ultramem.distributed import bytes_sent, comm_bytes, init_mesh, parallelize_memory, reset_bytes_sent
+    from ultramem.distributed import (
+        bytes_sent,
+        comm_bytes,
+        init_distributed,
+        init_mesh,
+        parallelize_memory,
+        reset_bytes_sent,
+    )
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    init_distributed("gloo")
     P, rank = dist.get_world_size(), dist.get_rank()
     layer = _layer()
     full_bytes = 3 * layer.values.weight.numel() * 4

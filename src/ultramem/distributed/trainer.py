@@ -40,7 +40,7 @@ from ..optim import build_optimizer
 from ..runs import MetricsLog, open_run_dir
 from ..train import RunConfig, autocast_for, evaluate, model_config_for, seed_everything
 from .checkpoint import is_dcp, load_dcp, resolve_dcp, save_dcp
-from .mesh import device_type, dp_group, init_mesh
+from .mesh import device_type, dp_group, init_distributed, init_mesh
 from .parallel import parallelize_memory
 
 CKPT_DIR = "checkpoint.dcp"
@@ -242,8 +242,7 @@ def _loop(r: _Run, log) -> dict:
 
 def train_distributed(cfg: RunConfig, dc: DistConfig, log=print) -> dict:
     """Train (or resume) a run under torchrun; every rank calls it. Returns the summary on all ranks."""
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type() == "cuda" else "gloo")
+    init_distributed()
     rank = dist.get_rank()
     say = log if rank == 0 else (lambda *a, **k: None)
     try:
