@@ -145,3 +145,39 @@ def test_sweep_base_is_main_ultramem():
     main = {r["group"]: r for r in suites.main_suite()}
     assert suites.ULTRAMEM == main[report.SWEEP_BASE[1]]["model"]
     assert all(r["model"] != suites.ULTRAMEM for r in suites.sweeps_suite())  # not run twice
+
+
+def _capacity_result(root, kind, people, seed, seen, heldout):
+    name = f"{kind}-p{people:04d}-s{seed}"
+    r = _result(root, "capacity", name, f"{kind}-p{people:04d}", seed, 1.0,
+                evals=[(5, {"fact_acc_seen": seen / 2}), (10, {"fact_acc_seen": seen})])
+    r.update(fact_acc_seen=seen, fact_acc_heldout=heldout,
+             spec={"data": {"source": "facts", "num_people": people}})
+    (root / "results" / "capacity" / f"{name}.json").write_text(json.dumps(r))
+    return r
+
+
+def test_capacity_table_counts_facts_and_tests_seed_noise(tmp_path):
+    """Facts recalled = rate x people x 5 attributes; a kind's Δ to dense is called beyond seed
+    noise only when the two seed ranges are disjoint; a missing size stays 'not finished'."""
+    groups = {}
+    rates = {("dense", 100): (0.9, 0.8), ("dense", 1000): (0.3, 0.2),
+             ("ultramem", 100): (0.88, 0.78), ("ultramem", 1000): (0.5, 0.23)}
+    for (kind, people), (seen, held) in rates.items():
+        for seed, jitter in ((0, 0.0), (1, 0.04)):
+            r = _capacity_result(tmp_path, kind, people, seed, seen + jitter, held + jitter)
+            groups.setdefault(r["group"], []).append(r)
+    groups["pkm-p0100"] = [_capacity_result(tmp_path, "pkm", 100, 0, 0.5, 0.4)]
+    from ultramem.experiments import capacity
+
+    table = capacity.capacity_table(groups)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert rows["100"].split(" | ")[1] == "500" and rows["1,000"].split(" | ")[1] == "5,000"
+    assert "0.520 ± 0.020 (2,600)" in rows["1,000"]  # ultramem seen: mean 0.52 of 5,000 facts
+    assert "+0.200 yes / +0.030 no" in rows["1,000"]  # seen ranges disjoint, held-out overlap
+    assert "-0.020 no / -0.020 no" in rows["100"]
+    assert "not finished" in rows["1,000"] and "n/a" in rows["100"]  # pkm: one size, one seed
+    assert capacity.plot_capacity(tmp_path, "capacity", groups, tmp_path / "c.png").stat().st_size > 0
+    (tmp_path / "configs" / "capacity").mkdir(parents=True)
+    text = report.write_report(tmp_path, "capacity").read_text()
+    assert "capacity.png" in text and rows["1,000"] in text

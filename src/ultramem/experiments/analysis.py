@@ -51,12 +51,13 @@ def new_figure(ncols: int = 1, width: float = 6.5):
     return plt.subplots(1, ncols, figsize=(width, 4.5))
 
 
-def finish_figure(fig, axes, out: Path, xlabel: str, titles: list[str], ylim=None) -> Path:
-    """Label, grid and legend every axis, then save and close the figure."""
+def finish_figure(fig, axes, out: Path, xlabel: str | list[str], titles: list[str], ylim=None) -> Path:
+    """Label (one x label for all, or one each), grid and legend every axis, then save and close."""
     import matplotlib.pyplot as plt
 
-    for ax, title in zip(axes, titles, strict=True):
-        ax.set_xlabel(xlabel)
+    xlabels = [xlabel] * len(axes) if isinstance(xlabel, str) else xlabel
+    for ax, title, label in zip(axes, titles, xlabels, strict=True):
+        ax.set_xlabel(label)
         ax.set_title(title)
         if ylim is not None:
             ax.set_ylim(*ylim)

@@ -178,6 +178,14 @@ def write_report(root: Path, suite: str) -> Path:
         parts += ["Sparsities side by side at each ratio:", "", sp_table, ""] if sp_table else []
         png = analysis.plot_scaling(groups, out_dir / "scaling_fit.png")
         parts += [f"![scaling fit]({png.name})", ""] if png else []
+    if suite == "capacity":
+        from . import capacity
+
+        parts += ["Fact recall rate (facts recalled = rate x facts in the corpus) in the main job's "
+                  "budget; memory kinds against dense (Δ of the rate, beyond seed noise?):", "",
+                  capacity.capacity_table(groups), ""]
+        png = capacity.plot_capacity(root, suite, groups, out_dir / "capacity.png")
+        parts += [f"![capacity curves]({png.name})", ""] if png else []
     text_groups = {k: v for k, v in groups.items() if not k.startswith("facts-")}
     fact_groups = {k: v for k, v in groups.items() if k.startswith("facts-")}
     paper = PAPER_MAIN_151M if suite == "main" else PAPER_ABLATION_DELTA if suite == "ablation" else None
@@ -187,8 +195,9 @@ def write_report(root: Path, suite: str) -> Path:
         order = sorted(set(text_groups) | {g for g in configured_groups(root, suite)
                                            if not g.startswith("facts-")})
         parts += [group_table(text_groups, order=order, paper=paper, paper_label=label), ""]
-        png = plot_curves(root, suite, groups, out_dir / f"{suite}_loss.png")
-        parts += [f"![{suite} loss curves]({png.name})", ""]
+        if suite != "capacity":  # its curves are the capacity plot
+            png = plot_curves(root, suite, groups, out_dir / f"{suite}_loss.png")
+            parts += [f"![{suite} loss curves]({png.name})", ""]
     if fact_groups:
         order = sorted(set(fact_groups) | {g for g in configured_groups(root, suite)
                                            if g.startswith("facts-")})

@@ -14,6 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..presets import DATA as COMPARE_DATA
+from ..presets import MODELS as COMPARE_MODELS
+from ..presets import TRAIN as COMPARE_TRAIN
 from .matching import counts_for
 
 # Where the committed configs expect the corpus: the workspace's shared data, relative to the
@@ -54,9 +57,9 @@ ULTRAMEM_V2 = {**BASE, "ffn": "ultramem_v2", "ffn_hidden": 216,
                "memory": {"num_keys": 300, "key_dim": 32, "value_dim": 96, "pre_value_dim": 32, "topk": 32}}
 
 
-def _run(name: str, model: dict, data: dict, seed: int, **train) -> dict:
+def _run(name: str, model: dict, data: dict, seed: int, base: dict = TRAIN, **train) -> dict:
     return {"name": f"{name}-s{seed}", "group": name, "seed": seed, "model": model,
-            "data": dict(data), "train": {**TRAIN, "seed": seed, **train}}
+            "data": dict(data), "train": {**base, "seed": seed, **train}}
 
 
 def check_matching(vocab: int = VOCAB, tol: float = 0.01) -> dict[str, dict]:
@@ -194,8 +197,33 @@ def retrieval_suite(pd_english: str = PD_ENGLISH) -> list[dict]:
     return [_run("ultramem-both-signs", model, data_text(pd_english), s) for s in SEEDS]
 
 
+# Knowledge capacity (issue 19): the main job's tiny models and budget (`ultramem compare`: 600
+# steps of 2,048 tokens) on fact corpora of growing size, so that the dense model stops storing all
+# of them. 5 facts a person; 600 recall questions a run (half in held-out phrasings).
+CAPACITY_PEOPLE = (100, 300, 1000)
+CAPACITY_KINDS = ("dense", "moe", "pkm", "ultramem")
+
+
+def capacity_models() -> dict[str, dict]:
+    """The compare presets; UltraMem with the authors' recipe, the best of the main-job ablation
+    (EXPERIMENTS.md, "Recipes on the main job")."""
+    return {kind: dict(COMPARE_MODELS[kind]) for kind in CAPACITY_KINDS}
+
+
+def capacity_suite(pd_english: str = PD_ENGLISH) -> list[dict]:
+    base = {**COMPARE_TRAIN, "fact_queries": 600, "threads": 1, "progress": False}
+    recipe = {"ultramem": {"recipe": "authors"}}
+    runs = []
+    for people in CAPACITY_PEOPLE:
+        data = {**COMPARE_DATA, "num_people": people}
+        for kind, model in capacity_models().items():
+            runs += [_run(f"{kind}-p{people:04d}", model, data, s, base=base, **recipe.get(kind, {}))
+                     for s in SEEDS]
+    return runs
+
+
 SUITES = {"main": main_suite, "ablation": ablation_suite, "sweeps": sweeps_suite, "scaling": scaling_suite,
-          "retrieval": retrieval_suite}
+          "retrieval": retrieval_suite, "capacity": capacity_suite}
 
 
 def write_configs(root: str | Path, suites=None, pd_english: str = PD_ENGLISH) -> list[Path]:
