@@ -200,7 +200,7 @@ def retrieval_suite(pd_english: str = PD_ENGLISH) -> list[dict]:
 # Knowledge capacity (issue 19): the main job's tiny models and budget (`ultramem compare`: 600
 # steps of 2,048 tokens) on fact corpora of growing size, so that the dense model stops storing all
 # of them. 5 facts a person; 600 recall questions a run (half in held-out phrasings).
-CAPACITY_PEOPLE = (100, 300, 1000)
+CAPACITY_PEOPLE = (100, 200, 300, 1000)
 CAPACITY_KINDS = ("dense", "moe", "pkm", "ultramem")
 
 
