@@ -152,14 +152,15 @@ def _capacity_result(root, kind, people, seed, seen, heldout):
     r = _result(root, "capacity", name, f"{kind}-p{people:04d}", seed, 1.0,
                 evals=[(5, {"fact_acc_seen": seen / 2}), (10, {"fact_acc_seen": seen})])
     r.update(fact_acc_seen=seen, fact_acc_heldout=heldout,
-             spec={"data": {"source": "facts", "num_people": people}})
+             spec={"data": {"source": "facts", "num_people": people}, "train": {"fact_queries": 600}})
     (root / "results" / "capacity" / f"{name}.json").write_text(json.dumps(r))
     return r
 
 
 def test_capacity_table_counts_facts_and_tests_seed_noise(tmp_path):
-    """Facts recalled = rate x people x 5 attributes; a kind's Δ to dense is called beyond seed
-    noise only when the two seed ranges are disjoint; a missing size stays 'not finished'."""
+    """Facts = people x 5 attributes, stored facts = the rate corrected for the majority-answer
+    baseline of the same questions; a kind's Δ to dense is called beyond seed noise only when the
+    two seed ranges are disjoint; a missing size stays 'not finished'."""
     groups = {}
     rates = {("dense", 100): (0.9, 0.8), ("dense", 1000): (0.3, 0.2),
              ("ultramem", 100): (0.88, 0.78), ("ultramem", 1000): (0.5, 0.23)}
@@ -173,7 +174,12 @@ def test_capacity_table_counts_facts_and_tests_seed_noise(tmp_path):
     table = capacity.capacity_table(groups)
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
     assert rows["100"].split(" | ")[1] == "500" and rows["1,000"].split(" | ")[1] == "5,000"
-    assert "0.520 ± 0.020 (2,600)" in rows["1,000"]  # ultramem seen: mean 0.52 of 5,000 facts
+    chance = capacity.chance_rates(groups["dense-p1000"][0])
+    assert 0.02 < chance["fact_acc_seen"] < 0.3 and 0.02 < chance["fact_acc_heldout"] < 0.3
+    assert capacity.stored(chance["fact_acc_seen"], chance["fact_acc_seen"], 5000) == 0  # guessing
+    assert capacity.stored(0.0, 0.1, 5000) == 0 and capacity.stored(1.0, 0.1, 5000) == 5000
+    # ultramem seen: mean 0.52 of 5,000 facts, corrected for guessing
+    assert f"0.520 ± 0.020 ({capacity.stored(0.52, chance['fact_acc_seen'], 5000):,.0f})" in rows["1,000"]
     assert "+0.200 yes / +0.030 no" in rows["1,000"]  # seen ranges disjoint, held-out overlap
     assert "-0.020 no / -0.020 no" in rows["100"]
     assert "not finished" in rows["1,000"] and "n/a" in rows["100"]  # pkm: one size, one seed

@@ -1,9 +1,11 @@
 """Knowledge capacity (the `capacity` suite): facts recalled against facts in the corpus, per kind.
 
 Groups are named `<kind>-p<people>` (suites.capacity_suite); every person has `len(attributes)`
-facts. "Facts recalled" is a recall rate times the facts in the corpus: the rates come from the
-run's recall questions (a fair sample of all facts, see data/facts.py), so a count is an estimate
-with the sample's error (about +-0.02 of the rate at 300 questions a phrasing kind).
+facts. "Facts stored" corrects a recall rate r for guessing: with c the majority-answer baseline of the
+same questions (data/facts.py `fact_recall_report`), a model that knows k of F facts and answers
+the rest like the baseline scores r = k/F + (1 - k/F) c, so k = F (r - c) / (1 - c) (0 at or
+below chance). The rates come from the run's recall questions (a fair sample of all facts), so k
+is an estimate with the sample's error (about +-0.02 of the rate at 300 questions a kind).
 """
 
 from __future__ import annotations
@@ -24,6 +26,24 @@ def facts_per_person(run: dict) -> int:
     return len(run["spec"]["data"].get("fact_attributes", DEFAULT_ATTRIBUTES))
 
 
+def chance_rates(run: dict) -> dict[str, float]:
+    """The majority-answer baseline of the run's own recall questions, seen and held-out apart."""
+    from ..data.config import DataConfig
+    from ..data.facts import build_fact_corpus, fact_recall_report
+
+    queries = build_fact_corpus(DataConfig.from_dict(run["spec"]["data"]).fact_config()).queries
+    queries = queries[: run["spec"]["train"]["fact_queries"]]
+    out = {}
+    for key, heldout in (("fact_acc_seen", False), ("fact_acc_heldout", True)):
+        part = [q for q in queries if q.heldout == heldout]
+        out[key] = fact_recall_report(part, [""] * len(part))["chance"]
+    return out
+
+
+def stored(rate: float, chance: float, facts: int) -> float:
+    return max(0.0, (rate - chance) / (1 - chance)) * facts
+
+
 def capacity_points(groups: dict[str, list[dict]]) -> dict[str, dict[int, list[dict]]]:
     """{kind: {people: finished runs}} for the groups named like the capacity suite's."""
     out: dict[str, dict[int, list[dict]]] = {}
@@ -34,28 +54,32 @@ def capacity_points(groups: dict[str, list[dict]]) -> dict[str, dict[int, list[d
     return out
 
 
-def _cell(runs: list[dict], key: str) -> str:
+def _cell(runs: list[dict], key: str, chance: float) -> str:
     xs = [r[key] for r in runs]
     facts = facts_per_person(runs[0]) * runs[0]["spec"]["data"]["num_people"]
     mean = statistics.fmean(xs)
     spread = f" ± {(max(xs) - min(xs)) / 2:.3f}" if len(xs) > 1 else ""
-    return f"{mean:.3f}{spread} ({mean * facts:,.0f})"
+    return f"{mean:.3f}{spread} ({stored(mean, chance, facts):,.0f})"
 
 
 def capacity_table(groups: dict[str, list[dict]], against: str = "dense") -> str:
-    """One row per corpus size: each kind's recall rate (facts recalled), seen and held-out; and
-    whether each memory kind is separated from `against` beyond seed noise (disjoint ranges)."""
+    """One row per corpus size: the guessing baseline, each kind's recall rate (facts stored), seen
+    and held-out; and whether each memory kind is separated from `against` beyond seed noise
+    (disjoint seed ranges of the rate)."""
     pts = capacity_points(groups)
     kinds = sorted(pts, key=lambda k: (k != against, k))
     sizes = sorted({p for by in pts.values() for p in by})
-    head = ["people", "facts"] + [f"{k}: {label}" for k in kinds for _, label in RATES]
+    head = ["people", "facts", "chance (seen / held-out)"]
+    head += [f"{k}: {label}" for k in kinds for _, label in RATES]
     others = [k for k in kinds if k != against]
     head += [f"{k} vs {against} (seen / held-out)" for k in others]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for people in sizes:
         any_run = next(by[people][0] for by in pts.values() if people in by)
-        row = [f"{people:,}", f"{people * facts_per_person(any_run):,}"]
-        row += [_cell(pts[k][people], key) if people in pts[k] else "not finished"
+        chance = chance_rates(any_run)
+        row = [f"{people:,}", f"{people * facts_per_person(any_run):,}",
+               " / ".join(f"{chance[key]:.3f}" for key, _ in RATES)]
+        row += [_cell(pts[k][people], key, chance[key]) if people in pts[k] else "not finished"
                 for k in kinds for key, _ in RATES]
         base = pts.get(against, {}).get(people, [])
         for k in others:
@@ -84,11 +108,14 @@ def plot_capacity(root: Path, suite: str, groups: dict[str, list[dict]], out: Pa
     for kind, by in sorted(pts.items()):
         sizes = sorted(by)
         facts = [p * facts_per_person(by[p][0]) for p in sizes]
+        chance = [chance_rates(by[p][0]) for p in sizes]
         for ax, (key, _) in zip(axes[:2], RATES, strict=True):
-            means = [statistics.fmean(r[key] for r in by[p]) * f for p, f in zip(sizes, facts, strict=True)]
+            means = [stored(statistics.fmean(r[key] for r in by[p]), c[key], f)
+                     for p, f, c in zip(sizes, facts, chance, strict=True)]
             line = ax.plot(facts, means, "-", label=kind)
-            for p, f in zip(sizes, facts, strict=True):
-                ax.plot([f] * len(by[p]), [r[key] * f for r in by[p]], "o", ms=3, color=line[0].get_color())
+            for p, f, c in zip(sizes, facts, chance, strict=True):
+                ax.plot([f] * len(by[p]), [stored(r[key], c[key], f) for r in by[p]], "o", ms=3,
+                        color=line[0].get_color())
         if largest in by:
             curves = [eval_records(root, suite, r) for r in by[largest]]
             steps = [rec["step"] for rec in curves[0] if "fact_acc_seen" in rec]
@@ -96,7 +123,7 @@ def plot_capacity(root: Path, suite: str, groups: dict[str, list[dict]], out: Pa
             axes[2].plot(steps, mean, "o-", label=kind)
     for ax in axes[:2]:
         ax.set_xscale("log")
-        ax.set_ylabel("facts recalled")
+        ax.set_ylabel("facts stored (recall corrected for guessing)")
     axes[2].set_ylabel("recall rate, seen phrasings")
     return finish_figure(fig, axes, out, ["facts in the corpus (log scale)"] * 2 + ["training step"],
                          ["seen phrasings", "held-out phrasings", f"recall vs step, {largest:,} people"])
