@@ -97,14 +97,23 @@ def _versus(mine: list[float], base: list[float]) -> str:
     return f"{delta:+.3f} {separated(mine, base).split(' (')[0]}"
 
 
+def curve_size(pts: dict[str, dict[int, list[dict]]], kind: str = "dense") -> int:
+    """The corpus size for the recall-vs-step panel: the smallest at which `kind` recalls under half
+    of the facts (seen phrasings), where the kinds still differ; else the largest size."""
+    sizes = sorted({p for by in pts.values() for p in by})
+    short = [p for p, rs in sorted(pts.get(kind, {}).items())
+             if statistics.fmean(r["fact_acc_seen"] for r in rs) < 0.5]
+    return short[0] if short else sizes[-1]
+
+
 def plot_capacity(root: Path, suite: str, groups: dict[str, list[dict]], out: Path) -> Path | None:
-    """Facts recalled vs facts in the corpus (seen, held-out; every seed a point, the mean a line),
-    and recall vs training step on the largest corpus."""
+    """Facts stored vs facts in the corpus (seen, held-out; every seed a point, the mean a line),
+    and recall vs training step at `curve_size`."""
     pts = capacity_points(groups)
     if not pts:
         return None
     fig, axes = new_figure(ncols=3, width=15)
-    largest = max(p for by in pts.values() for p in by)
+    curve_at = curve_size(pts)
     for kind, by in sorted(pts.items()):
         sizes = sorted(by)
         facts = [p * facts_per_person(by[p][0]) for p in sizes]
@@ -116,14 +125,17 @@ def plot_capacity(root: Path, suite: str, groups: dict[str, list[dict]], out: Pa
             for p, f, c in zip(sizes, facts, chance, strict=True):
                 ax.plot([f] * len(by[p]), [stored(r[key], c[key], f) for r in by[p]], "o", ms=3,
                         color=line[0].get_color())
-        if largest in by:
-            curves = [eval_records(root, suite, r) for r in by[largest]]
+        if curve_at in by:
+            curves = [eval_records(root, suite, r) for r in by[curve_at]]
             steps = [rec["step"] for rec in curves[0] if "fact_acc_seen" in rec]
             mean = [statistics.fmean(c[i]["fact_acc_seen"] for c in curves) for i in range(len(steps))]
             axes[2].plot(steps, mean, "o-", label=kind)
+    ticks = sorted({p * facts_per_person(rs[0]) for by in pts.values() for p, rs in by.items()})
     for ax in axes[:2]:
         ax.set_xscale("log")
+        ax.set_xticks(ticks, [f"{t:,}" for t in ticks])  # the measured sizes
+        ax.minorticks_off()
         ax.set_ylabel("facts stored (recall corrected for guessing)")
     axes[2].set_ylabel("recall rate, seen phrasings")
     return finish_figure(fig, axes, out, ["facts in the corpus (log scale)"] * 2 + ["training step"],
-                         ["seen phrasings", "held-out phrasings", f"recall vs step, {largest:,} people"])
+                         ["seen phrasings", "held-out phrasings", f"recall vs step, {curve_at:,} people"])
