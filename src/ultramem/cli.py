@@ -261,13 +261,16 @@ def cmd_plot(a) -> int:
 # ---------------------------------------------------------------- compare (the main job)
 
 def _compare_args(p):
-    from .presets import COMPARE_KINDS, MODELS
+    from .presets import COMPARE_KINDS, COMPARE_PEOPLE, MODELS
 
     p.add_argument("--out", default="runs/compare",
                    help="directory for the runs, table and plot (a rerun replaces the runs there)")
     p.add_argument("--kinds", default=",".join(COMPARE_KINDS), help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--seeds", type=int, default=1, help="seeds per kind (mean +- std when > 1)")
     p.add_argument("--steps", type=int, help="shortcut for --set train.steps=N")
+    p.add_argument("--people", type=int, default=COMPARE_PEOPLE,
+                   help=f"people in the fact corpus, 5 facts each (default {COMPARE_PEOPLE}: more than the "
+                        "dense model stores in the budget; a --config or --set data.num_people wins)")
     _config_args(p)
     p.add_argument("--no-progress", action="store_true")
 
@@ -306,6 +309,8 @@ def cmd_compare(a) -> int:
         raise ValueError(f"--kinds: unknown {bad}; allowed are {sorted(MODELS)}")
     if a.seeds < 1:
         raise ValueError(f"--seeds: must be >= 1 (got {a.seeds})")
+    if a.people < 1:
+        raise ValueError(f"--people: must be >= 1 (got {a.people})")
     out = Path(a.out)
     extra = load_config_file(a.config) if a.config else {}
     rows, runs, t_all = [], [], time.perf_counter()
@@ -313,7 +318,9 @@ def cmd_compare(a) -> int:
         row = {"kind": kind, "val_loss": [], "fact_acc_seen": [], "fact_acc_heldout": [], "tokens_per_s": [],
                "seconds": []}
         for seed in range(a.seeds):
-            d = deep_merge(get_preset(kind), extra)
+            d = get_preset(kind)
+            d["data"]["num_people"] = a.people
+            d = deep_merge(d, extra)
             for s in a.set:
                 apply_set(d, s)
             tr = d["train"]

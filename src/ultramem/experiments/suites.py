@@ -207,11 +207,9 @@ CAPACITY_PEOPLE_V2 = (100, 200)
 
 
 def capacity_models() -> dict[str, dict]:
-    """The compare presets; UltraMem with the authors' init, the best single recipe difference of
-    the main-job ablation (EXPERIMENTS.md, "Recipes on the main job")."""
-    models = {kind: dict(COMPARE_MODELS[kind]) for kind in CAPACITY_KINDS}
-    models["ultramem"]["memory"] = {**models["ultramem"]["memory"], "init": "authors"}
-    return models
+    """The compare presets (UltraMem's has the authors' init, the best single recipe difference of
+    the main-job ablation: EXPERIMENTS.md, "Recipes on the main job")."""
+    return {kind: dict(COMPARE_MODELS[kind]) for kind in CAPACITY_KINDS}
 
 
 def capacity_suite(pd_english: str = PD_ENGLISH) -> list[dict]:
