@@ -157,3 +157,23 @@ def test_compare_twice_into_one_folder_replaces_its_runs(tmp_path, capsys):
     assert main(args) == 0
     assert main(args) == 0  # the main job can be rerun: compare's folder holds its own runs
     assert "total time" in capsys.readouterr().out
+
+
+def test_compare_people_sets_the_corpus_and_a_set_wins(tmp_path, capsys):
+    """--people sizes the main job's fact corpus (default presets.COMPARE_PEOPLE); an explicit
+    --set data.num_people wins over it; a non-positive count is refused."""
+    from ultramem.presets import COMPARE_PEOPLE, DATA
+
+    base = ["compare", "--kinds", "dense", "--steps", "2", "--no-progress", "--set", "train.eval_every=0",
+            "--set", "train.fact_queries=2", "--set", f"train.cache_dir={tmp_path / 'cache'}"]
+
+    def people(out, *extra):
+        assert main([*base, "--out", str(tmp_path / out), *extra]) == 0
+        return json.loads((tmp_path / out / "dense" / "config.json").read_text())["data"]["num_people"]
+
+    assert COMPARE_PEOPLE > DATA["num_people"]  # the main job is in the capacity regime
+    assert people("a") == COMPARE_PEOPLE
+    assert people("b", "--people", "7") == 7
+    assert people("c", "--people", "7", "--set", "data.num_people=9") == 9
+    assert main([*base, "--out", str(tmp_path / "d"), "--people", "0"]) == 2
+    assert "--people: must be >= 1 (got 0)" in capsys.readouterr().err
