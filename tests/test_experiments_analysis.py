@@ -183,8 +183,11 @@ def test_capacity_table_counts_facts_and_tests_seed_noise(tmp_path):
     assert "+0.200 yes / +0.030 no" in rows["1,000"]  # seen ranges disjoint, held-out overlap
     assert "-0.020 no / -0.020 no" in rows["100"]
     assert "not finished" in rows["1,000"] and "n/a" in rows["100"]  # pkm: one size, one seed
+    configured = capacity.capacity_table(groups, configured=["pkm-p0100", "pkm-p1000"]).splitlines()
+    assert "not finished" in configured[-1]  # pkm at 1,000 is in the suite, not run yet
+    assert "not finished" not in capacity.capacity_table(groups, configured=["pkm-p0100"])  # not in it
     assert capacity.curve_size(capacity.capacity_points(groups)) == 1000  # dense's first size under 0.5
     assert capacity.plot_capacity(tmp_path, "capacity", groups, tmp_path / "c.png").stat().st_size > 0
     (tmp_path / "configs" / "capacity").mkdir(parents=True)
     text = report.write_report(tmp_path, "capacity").read_text()
-    assert "capacity.png" in text and rows["1,000"] in text
+    assert "capacity.png" in text and rows["1,000"].replace("not finished", "-") in text  # no configs

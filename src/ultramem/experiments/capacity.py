@@ -62,10 +62,12 @@ def _cell(runs: list[dict], key: str, chance: float) -> str:
     return f"{mean:.3f}{spread} ({stored(mean, chance, facts):,.0f})"
 
 
-def capacity_table(groups: dict[str, list[dict]], against: str = "dense") -> str:
+def capacity_table(groups: dict[str, list[dict]], against: str = "dense",
+                   configured: list[str] | None = None) -> str:
     """One row per corpus size: the guessing baseline, each kind's recall rate (facts stored), seen
     and held-out; and whether each memory kind is separated from `against` beyond seed noise
-    (disjoint seed ranges of the rate)."""
+    (disjoint seed ranges of the rate). A size a kind has no run for reads "not finished" when
+    `configured` (the suite's group names) has it, "-" (not in the suite) otherwise."""
     pts = capacity_points(groups)
     kinds = sorted(pts, key=lambda k: (k != against, k))
     sizes = sorted({p for by in pts.values() for p in by})
@@ -79,7 +81,8 @@ def capacity_table(groups: dict[str, list[dict]], against: str = "dense") -> str
         chance = chance_rates(any_run)
         row = [f"{people:,}", f"{people * facts_per_person(any_run):,}",
                " / ".join(f"{chance[key]:.3f}" for key, _ in RATES)]
-        row += [_cell(pts[k][people], key, chance[key]) if people in pts[k] else "not finished"
+        row += [_cell(pts[k][people], key, chance[key]) if people in pts[k]
+                else "not finished" if configured is None or f"{k}-p{people:04d}" in configured else "-"
                 for k in kinds for key, _ in RATES]
         base = pts.get(against, {}).get(people, [])
         for k in others:

@@ -183,7 +183,7 @@ def write_report(root: Path, suite: str) -> Path:
 
         parts += ["Fact recall rate (facts recalled = rate x facts in the corpus) in the main job's "
                   "budget; memory kinds against dense (Δ of the rate, beyond seed noise?):", "",
-                  capacity.capacity_table(groups), ""]
+                  capacity.capacity_table(groups, configured=configured_groups(root, suite)), ""]
         png = capacity.plot_capacity(root, suite, groups, out_dir / "capacity.png")
         parts += [f"![capacity curves]({png.name})", ""] if png else []
     text_groups = {k: v for k, v in groups.items() if not k.startswith("facts-")}
