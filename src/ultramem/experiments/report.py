@@ -152,18 +152,11 @@ def plot_curves(root: Path, suite: str, groups: dict[str, list[dict]], out: Path
                          [f"{label}: train loss (mean over seeds)", f"{label}: val loss (mean over seeds)"])
 
 
-def write_report(root: Path, suite: str) -> Path:
-    """results/<suite>.md with the tables, plots beside it, and the list of unfinished runs."""
+def _suite_sections(root: Path, suite: str, groups: dict[str, list[dict]], out_dir: Path) -> list[str]:
+    """The tables and plots only one suite has (ablation, sweeps, scaling, capacity)."""
     from . import analysis
 
-    groups = load_results(root, suite)
-    if suite == "retrieval" and (root / "results" / "main").is_dir():
-        main = load_results(root, "main")  # the counterparts this suite is compared against
-        groups = {**{k: v for k, v in main.items() if k in ("dense", "pkm", "ultramem")}, **groups}
-    out_dir = root / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    st = status(root, suite)
-    parts = [f"# Suite `{suite}`", ""]
+    parts: list[str] = []
     if suite == "ablation":
         parts += [ablation_table(groups, configured_groups(root, suite)), ""]
     if suite == "sweeps":
@@ -181,11 +174,27 @@ def write_report(root: Path, suite: str) -> Path:
     if suite == "capacity":
         from . import capacity
 
-        parts += ["Fact recall rate (facts recalled = rate x facts in the corpus) in the main job's "
-                  "budget; memory kinds against dense (Δ of the rate, beyond seed noise?):", "",
+        parts += ["Fact recall rate in the main job's budget, mean ± half the seed range (in brackets: "
+                  "facts stored, the rate corrected for guessing: see experiments/capacity.py); memory "
+                  "kinds against dense (Δ of the rate, beyond seed noise?):", "",
                   capacity.capacity_table(groups, configured=configured_groups(root, suite)), ""]
         png = capacity.plot_capacity(root, suite, groups, out_dir / "capacity.png")
         parts += [f"![capacity curves]({png.name})", ""] if png else []
+    return parts
+
+
+def write_report(root: Path, suite: str) -> Path:
+    """results/<suite>.md with the tables, plots beside it, and the list of unfinished runs."""
+    from . import analysis
+
+    groups = load_results(root, suite)
+    if suite == "retrieval" and (root / "results" / "main").is_dir():
+        main = load_results(root, "main")  # the counterparts this suite is compared against
+        groups = {**{k: v for k, v in main.items() if k in ("dense", "pkm", "ultramem")}, **groups}
+    out_dir = root / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    st = status(root, suite)
+    parts = [f"# Suite `{suite}`", ""] + _suite_sections(root, suite, groups, out_dir)
     text_groups = {k: v for k, v in groups.items() if not k.startswith("facts-")}
     fact_groups = {k: v for k, v in groups.items() if k.startswith("facts-")}
     paper = PAPER_MAIN_151M if suite == "main" else PAPER_ABLATION_DELTA if suite == "ablation" else None
