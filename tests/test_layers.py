@@ -15,9 +15,10 @@ def small_cfg(**kw):
     return UltraMemConfig(**base)
 
 
-def expanded_virtual_output(layer, x):
+def expanded_virtual_output(layer, x, softmax=False):
     """Output computed from an explicitly expanded virtual table in output space:
-    row v, core c of the virtual table is W_o[block(v), chunk c] @ V[phys(v), chunk c]."""
+    row v, core c of the virtual table is W_o[block(v), chunk c] @ V[phys(v), chunk c].
+    softmax: each head's m kept scores softmaxed per core first (UltraMemConfig.softmax)."""
     cfg = layer.cfg
     E, N, V, C, D = cfg.value_expansion, cfg.num_values, cfg.v_dim, cfg.num_cores, cfg.out_dim
     dc = V // C
@@ -30,6 +31,7 @@ def expanded_virtual_output(layer, x):
         for c in range(C):
             virtual[v, c] = w_o[:, g, c] @ table[i, c]
     r = layer.retrieve(x)
+    scores = r.scores.softmax(dim=3) if softmax else r.scores
     B, T = x.shape[:2]
     out = torch.zeros(B, T, D, dtype=table.dtype)
     for b in range(B):
@@ -38,7 +40,7 @@ def expanded_virtual_output(layer, x):
                 for j in range(cfg.topk):
                     v = int(r.indices[b, t, hd, j])
                     for c in range(C):
-                        out[b, t] += r.scores[b, t, hd, j, c] * virtual[v, c]
+                        out[b, t] += scores[b, t, hd, j, c] * virtual[v, c]
     return out
 
 
@@ -49,6 +51,21 @@ def test_ive_and_mcs_equal_an_explicitly_expanded_table(E, C):
     x = torch.randn(2, 3, 24, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), expanded_virtual_output(layer, x))
+
+
+def test_softmax_option_normalises_each_heads_kept_scores_per_core():
+    """softmax=True equals the expanded table with each head's m kept scores softmaxed per core;
+    the default (the paper's raw scores) differs on the same weights; gradients check in float64."""
+    torch.manual_seed(3)
+    layer = UltraMemLayer(small_cfg(softmax=True, value_expansion=4, num_cores=2)).double()
+    x = torch.randn(2, 3, 24, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expanded_virtual_output(layer, x, softmax=True))
+        raw = UltraMemLayer(small_cfg(value_expansion=4, num_cores=2)).double()
+        raw.load_state_dict(layer.state_dict())
+        assert not torch.allclose(raw(x), layer(x))
+    xg = torch.randn(1, 2, 24, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: layer(t), (xg,), eps=1e-6, atol=1e-5)
 
 
 def test_mcs_weights_each_chunk_by_its_own_core():

@@ -66,6 +66,10 @@ class UltraMemConfig(ConfigBase):
     core_loss_coef: float = param(0.0, "alpha of the auxiliary loss on the summed cores' singular values "
                                   "(0 = off)", ge=0)
     core_loss_tau: float = param(0.15, "tau of that loss", ge=0)
+    # Not in the paper (it removed PKM's softmax, SPEC section 7): an option because without its
+    # softmax PKM stored far fewer facts in the capacity suite (EXPERIMENTS.md, "Knowledge capacity").
+    softmax: bool = param(False, "softmax of each head's m kept scores (per core) before pooling, as "
+                          "PKM does; false = the paper's raw scores")
     # "paper" (SPEC), "authors" (their code: values N(0, 0.02^2), gains D_k^-0.33) or "calibrated"
     # (the paper's, with the query gain set from the measured kept scores instead of E[Y])
     init: InitKind = param("paper", "`paper` (SPEC section 4), `authors` (values N(0, 0.02^2), norm gains "

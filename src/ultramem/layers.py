@@ -153,6 +153,8 @@ class UltraMemLayer(MemoryLayer):
         retrieved = self.retrieval(x_BTD, exact=exact, conv_state=state)
         self._notify_retrieval(retrieved)
         idx_BTHM, scores_BTHMC = retrieved
+        if cfg.softmax:  # over each head's m kept slots, one distribution per core
+            scores_BTHMC = scores_BTHMC.softmax(dim=3)
         row_TK, block_TK = self.slot_locations(idx_BTHM.reshape(B * T, -1))
         w_TKC = scores_BTHMC.reshape(B * T, -1, cfg.num_cores)
         pooled_TGDv = self.values.pool(row_TK, block_TK, w_TKC, cfg.value_expansion)
