@@ -11,7 +11,9 @@ spend the rest of the activated budget on the memory's queries, keys and the row
     ultramem  one UltraMem layer 1:2, 83^2 values of width 64 (E=4 virtual copies), 2 heads x
               top-32; SwiGLU 137; the authors' init (`init="authors"`): of the recipe differences,
               the one that raised fact recall beyond seed noise on the main job (EXPERIMENTS.md,
-              "One difference at a time")
+              "One difference at a time"); a softmax over each head's kept scores (`softmax=True`,
+              not the paper's): PKM's, without which PKM stored far fewer facts, and with which
+              UltraMem stored more (EXPERIMENTS.md, "Knowledge capacity")
     ultramem-v2  UltraMemV2 beside every block's FFN, one 85^2-row pool (D_v 48, D_p 16) read by
               all 4 layers (share_group 6 >= 4), 1 head x top-64, key_dim 16; SwiGLU 73. At this
               width the keys dominate: memory ~62% of (memory + FFN) FLOPs, not the paper's ~17%
@@ -30,7 +32,7 @@ MODELS = {
             "memory": {"num_keys": 84, "key_dim": 32, "heads": 4, "topk": 8}},
     "ultramem": {**_BASE, "ffn": "ultramem", "ffn_hidden": 137, "memory_placement": "1:2",
                  "memory": {"num_keys": 83, "key_dim": 16, "value_dim": 64, "heads": 2, "topk": 32,
-                            "init": "authors"}},
+                            "init": "authors", "softmax": True}},
     "ultramem-v2": {**_BASE, "ffn": "ultramem_v2", "ffn_hidden": 73,
                     "memory": {"num_keys": 85, "key_dim": 16, "value_dim": 48, "pre_value_dim": 16,
                                "topk": 64}},

@@ -201,15 +201,20 @@ def retrieval_suite(pd_english: str = PD_ENGLISH) -> list[dict]:
 # steps of 2,048 tokens) on fact corpora of growing size, so that the dense model stops storing all
 # of them. 5 facts a person; 600 recall questions a run (half in held-out phrasings).
 CAPACITY_PEOPLE = (100, 200, 300, 1000)
-CAPACITY_KINDS = ("dense", "moe", "pkm", "ultramem", "ultramem-v2")
-# UltraMemV2 trains at ~1/5 of dense's tokens/s here, so only where the others still store facts.
-CAPACITY_PEOPLE_V2 = (100, 200)
+CAPACITY_KINDS = ("dense", "moe", "pkm", "ultramem", "ultramem-softmax", "ultramem-v2")
+# UltraMemV2 trains at ~1/5 of dense's tokens/s here, so only where the others still store facts;
+# UltraMem with the softmax (added after the first runs) where any kind stores facts.
+CAPACITY_PEOPLE_BY_KIND = {"ultramem-v2": (100, 200), "ultramem-softmax": (100, 200, 300)}
 
 
 def capacity_models() -> dict[str, dict]:
-    """The compare presets (UltraMem's has the authors' init, the best single recipe difference of
-    the main-job ablation: EXPERIMENTS.md, "Recipes on the main job")."""
-    return {kind: dict(COMPARE_MODELS[kind]) for kind in CAPACITY_KINDS}
+    """The compare presets. `ultramem` is the preset without its softmax (the paper's raw scores,
+    with the authors' init: the best single recipe difference of the main-job ablation);
+    `ultramem-softmax` is the preset as it is."""
+    models = {kind: dict(COMPARE_MODELS[kind]) for kind in CAPACITY_KINDS if kind in COMPARE_MODELS}
+    models["ultramem-softmax"] = dict(COMPARE_MODELS["ultramem"])
+    models["ultramem"]["memory"] = {k: v for k, v in models["ultramem"]["memory"].items() if k != "softmax"}
+    return {kind: models[kind] for kind in CAPACITY_KINDS}
 
 
 def capacity_suite(pd_english: str = PD_ENGLISH) -> list[dict]:
@@ -218,7 +223,7 @@ def capacity_suite(pd_english: str = PD_ENGLISH) -> list[dict]:
     for people in CAPACITY_PEOPLE:
         data = {**COMPARE_DATA, "num_people": people}
         for kind, model in capacity_models().items():
-            if kind == "ultramem-v2" and people not in CAPACITY_PEOPLE_V2:
+            if people not in CAPACITY_PEOPLE_BY_KIND.get(kind, CAPACITY_PEOPLE):
                 continue
             runs += [_run(f"{kind}-p{people:04d}", model, data, s, base=base) for s in SEEDS]
     return runs
