@@ -42,8 +42,8 @@ MODELS = {
 # tokens (~27 passes over the 45k-token corpus).
 DATA = {"source": "facts", "num_people": 100, "vocab_size": 512, "fact_repetitions": 5}
 # The main job (`ultramem compare`) asks what a memory is for, so its corpus is larger than the
-# dense model stores in that budget: at 200 people dense recalls ~1/3 of the facts, at 300 every
-# kind is near the guessing baseline (experiments/results/capacity.md).
+# dense model stores in that budget: at 200 people dense recalls ~1/3 of the facts, at 300 it
+# stores ~60 of 1,500 (experiments/results/capacity.md).
 COMPARE_PEOPLE = 200
 
 # fp32: bf16 autocast was 0.8-0.95x fp32 speed for these tiny matmuls on this CPU.

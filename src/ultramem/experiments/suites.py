@@ -202,7 +202,7 @@ def retrieval_suite(pd_english: str = PD_ENGLISH) -> list[dict]:
 # of them. 5 facts a person; 600 recall questions a run (half in held-out phrasings).
 CAPACITY_PEOPLE = (100, 200, 300, 1000)
 CAPACITY_KINDS = ("dense", "moe", "pkm", "ultramem", "ultramem-softmax", "ultramem-v2")
-# UltraMemV2 trains at ~1/5 of dense's tokens/s here, so only where the others still store facts;
+# UltraMemV2 trains at ~1/8 of dense's tokens/s here, so only where the others still store facts;
 # UltraMem with the softmax (added after the first runs) where any kind stores facts.
 CAPACITY_PEOPLE_BY_KIND = {"ultramem-v2": (100, 200), "ultramem-softmax": (100, 200, 300)}
 
