@@ -191,12 +191,8 @@ class UltraMemLayer(MemoryLayer):
         excess = (self.retrieval.singular_values()[:, 1:] - cfg.core_loss_tau).clamp_min(0)
         return cfg.core_loss_coef / (cfg.tucker_rank - 1) * excess.pow(2).sum()
 
-    @torch.no_grad()
     def memory_stats(self) -> dict[str, float]:
-        sv = self.retrieval.singular_values()
-        if sv.shape[-1] < 2:
-            return {}
-        return {"core_sv_ratio": (sv[:, 1] / sv[:, 0].clamp_min(1e-12)).mean().item()}
+        return self.retrieval.core_stats()
 
 
 class PKMLayer(MemoryLayer):

@@ -219,6 +219,15 @@ class TuckerRetrieval(nn.Module):
             return self.u.new_ones(self.cfg.heads, 1)
         return torch.linalg.svdvals(self.cores.sum(1).float())
 
+    @torch.no_grad()
+    def core_stats(self) -> dict[str, float]:
+        """{"core_sv_ratio": mean over heads of sigma_2 / sigma_1} ({} at rank 1): how far the
+        summed cores are from rank 1, logged by the trainer for v1 and V2 alike."""
+        sv = self.singular_values()
+        if sv.shape[-1] < 2:
+            return {}
+        return {"core_sv_ratio": (sv[:, 1] / sv[:, 0].clamp_min(1e-12)).mean().item()}
+
     def _build_key_matrix(self) -> torch.Tensor:
         """(S, Dk, H*R*P): normed keys times the query-norm gain, columns in (head, rank, key) order
         (stored transposed: the (Dk, J) operand layout is ~5% faster in the CPU matmul)."""

@@ -473,12 +473,8 @@ class UltraMemV2Layer(MemoryLayer):
         """V2 has no core loss (SPEC section 5)."""
         return self.w_o.weight.new_zeros(())
 
-    @torch.no_grad()
     def memory_stats(self) -> dict[str, float]:
-        sv = self.retrieval.singular_values()
-        if sv.shape[-1] < 2:
-            return {}
-        return {"core_sv_ratio": (sv[:, 1] / sv[:, 0].clamp_min(1e-12)).mean().item()}
+        return self.retrieval.core_stats()
 
 
 def build_layers(cfg: UltraMemV2Config, num_layers: int,
