@@ -10,6 +10,8 @@ is an estimate with the sample's error (about +-0.02 of the rate at 300 question
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 import statistics
 from pathlib import Path
@@ -28,16 +30,24 @@ def facts_per_person(run: dict) -> int:
 
 def chance_rates(run: dict) -> dict[str, float]:
     """The majority-answer baseline of the run's own recall questions, seen and held-out apart."""
+    spec = run["spec"]
+    return dict(_chance_rates(json.dumps(spec["data"], sort_keys=True), spec["train"]["fact_queries"]))
+
+
+@functools.lru_cache(maxsize=64)
+def _chance_rates(data_json: str, n_queries: int) -> tuple[tuple[str, float], ...]:
+    """Cached: every kind of a corpus size asks the same questions, and rebuilding the corpus for
+    each table cell and plot point repeats the same work."""
     from ..data.config import DataConfig
     from ..data.facts import build_fact_corpus, fact_recall_report
 
-    queries = build_fact_corpus(DataConfig.from_dict(run["spec"]["data"]).fact_config()).queries
-    queries = queries[: run["spec"]["train"]["fact_queries"]]
+    queries = build_fact_corpus(DataConfig.from_dict(json.loads(data_json)).fact_config()).queries
+    queries = queries[:n_queries]
     out = {}
     for key, heldout in (("fact_acc_seen", False), ("fact_acc_heldout", True)):
         part = [q for q in queries if q.heldout == heldout]
         out[key] = fact_recall_report(part, [""] * len(part))["chance"]
-    return out
+    return tuple(out.items())
 
 
 def stored(rate: float, chance: float, facts: int) -> float:
