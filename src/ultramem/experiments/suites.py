@@ -50,11 +50,11 @@ ULTRAMEM = {**BASE, "ffn": "ultramem", "ffn_hidden": 256, "memory_placement": "0
                        "tucker_rank": 2, "num_cores": 2, "value_expansion": 4}}
 PKM = {**BASE, "ffn": "pkm", "ffn_hidden": 436, "memory_placement": "2:2",
        "memory": {"num_keys": 300, "key_dim": 64, "heads": 4, "topk": 16}}
-MATCHED = {"dense": DENSE, "moe": MOE, "pkm": PKM, "ultramem": ULTRAMEM}
 # UltraMemV2 at the same sizes (activated within 0.1% of dense, total of MoE; one 300^2-row pool
-# read by all 4 layers, 1 head x top-32). Not in MATCHED yet: adding it adds runs to the suites.
+# read by all 4 layers, 1 head x top-32), with the SPEC's (the paper's) V2 init.
 ULTRAMEM_V2 = {**BASE, "ffn": "ultramem_v2", "ffn_hidden": 216,
                "memory": {"num_keys": 300, "key_dim": 32, "value_dim": 96, "pre_value_dim": 32, "topk": 32}}
+MATCHED = {"dense": DENSE, "moe": MOE, "pkm": PKM, "ultramem": ULTRAMEM, "ultramem-v2": ULTRAMEM_V2}
 
 
 def _run(name: str, model: dict, data: dict, seed: int, base: dict = TRAIN, **train) -> dict:
@@ -63,7 +63,7 @@ def _run(name: str, model: dict, data: dict, seed: int, base: dict = TRAIN, **tr
 
 
 def check_matching(vocab: int = VOCAB, tol: float = 0.01) -> dict[str, dict]:
-    """Counts of the four main models; raises if activated or sparse-kind totals differ by > tol."""
+    """Counts of the main models; raises if activated or sparse-kind totals differ by > tol."""
     counts = {kind: counts_for(model, vocab, SEQ) for kind, model in MATCHED.items()}
     ref_act, ref_total = counts["dense"]["activated"], counts["moe"]["total"]
     for kind, c in counts.items():
