@@ -25,12 +25,28 @@ def _with_checkpoint(root, suite: str, name: str) -> str:
     return f"{name} (checkpoint at step {step}/{at[1]})" if at else name
 
 
+def _ood(root: Path, names: list[str], a) -> None:
+    from . import ood
+
+    if not a.data:
+        raise ValueError("--data: required by ood (a .txt file, folder or glob)")
+    if a.max_tokens < 1:
+        raise ValueError(f"--max-tokens: must be a positive int (got {a.max_tokens})")
+    tag = a.tag or Path(a.data.rstrip("/")).stem
+    if not tag.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"--tag: letters, digits, '-' and '_' only (got {tag!r})")
+    for name in names:
+        written = ood.evaluate_suite(root, name, a.data, tag, a.max_tokens)
+        print(f"{name}: scored {len(written)} run(s) on {a.data} -> {ood.ood_dir(root, name, tag)}")
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["configs", "run", "status", "report", "match", "probe"],
+    p.add_argument("action", choices=["configs", "run", "status", "report", "match", "probe", "ood"],
                    help="configs: write experiments/configs/<suite>/*.json; run: train unfinished runs; "
                         "status: done/running (its step)/started (its checkpoint)/pending; "
                         "report: tables and plots; match: re-count sizes; "
-                        "probe: evaluate a trained UltraMem run (--run) under other top-m searches")
+                        "probe: evaluate a trained UltraMem run (--run) under other top-m searches; "
+                        "ood: score the finished text runs on another text (--data)")
     p.add_argument("suites", nargs="*", help="suite names (default: all for configs/report)")
     p.add_argument("--root", default="experiments", help="experiments folder (default: experiments)")
     p.add_argument("--pd-english", default=PD_ENGLISH,
@@ -44,6 +60,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="searches to evaluate (default: all three)")
     g.add_argument("--stage1", nargs="+", type=int, help="also evaluate these stage1_topk (m1) values")
     g.add_argument("--windows", type=int, help="val windows (default: the run's eval_windows)")
+    g = p.add_argument_group("ood")
+    g.add_argument("--data", help="ood: a .txt file, folder or glob (e.g. experiments/ood/fortunes.sh's)")
+    g.add_argument("--tag", help="ood: the text's name in results/<suite>/ood/ (default: the path's stem)")
+    g.add_argument("--max-tokens", type=int, default=262_144,
+                   help="ood: score the first this many tokens of each text (default 262,144)")
 
 
 def handler(a) -> int:
@@ -73,6 +94,8 @@ def handler(a) -> int:
             st["running"] = [_with_progress(root, name, n) for n in st["running"]]
             st["started"] = [_with_checkpoint(root, name, n) for n in st["started"]]
             print(f"{name}: " + "; ".join(f"{k} {len(v)} {v}" for k, v in st.items()))
+    elif a.action == "ood":
+        _ood(root, names, a)
     elif a.action == "report":
         for name in names:
             print(f"wrote {report.write_report(root, name)}")

@@ -185,7 +185,7 @@ def _suite_sections(root: Path, suite: str, groups: dict[str, list[dict]], out_d
 
 def write_report(root: Path, suite: str) -> Path:
     """results/<suite>.md with the tables, plots beside it, and the list of unfinished runs."""
-    from . import analysis
+    from . import analysis, ood
 
     groups = load_results(root, suite)
     if suite == "retrieval" and (root / "results" / "main").is_dir():
@@ -213,6 +213,7 @@ def write_report(root: Path, suite: str) -> Path:
         parts += ["Generated fact corpus:", "", group_table(fact_groups, order=order), ""]
         png = plot_curves(root, suite, groups, out_dir / f"{suite}_facts_loss.png", prefix="facts-")
         parts += [f"![{suite} fact-corpus loss curves]({png.name})", ""]
+    parts += ood.ood_sections(root, suite)
     table = analysis.retrieval_table(root, suite, groups)
     if table:
         parts += ["Retrieval health (mean over seeds; recall = share of the exact top-m slots the "
