@@ -19,6 +19,7 @@ import json
 import torch
 
 from ..counting import count_params
+from ..cpu_memory import keep_freed_memory
 from ..model import LanguageModel, LMConfig
 from ..optim import build_optimizer, clip_grad_norm
 from .common import Clock, markdown_table, spread, time_interleaved
@@ -60,11 +61,14 @@ def make_step(model: LanguageModel, vocab: int, dtype: str = "fp32"):
 
 
 def run(models: str = "tiny", threads: int = 2, budget: float = 20.0, reps: int = 30,
-        dtypes: tuple[str, ...] = ("fp32",)) -> dict:
+        dtypes: tuple[str, ...] = ("fp32",), keep_freed: bool = True) -> dict:
     for dt in dtypes:
         if dt not in ("fp32", "bf16"):
             raise ValueError(f"--dtype: each must be 'fp32' or 'bf16' (got {dt!r})")
     torch.set_num_threads(threads)
+    # As the trainer does on CPU (train.cpu_keep_freed): process-wide, so a comparison of the two
+    # takes two processes (--no-keep-freed).
+    kept = keep_freed_memory() if keep_freed else False
     dicts, vocab, batch, seq = model_sets(models)
     steps, counts = {}, {}
     for kind, d in dicts.items():
@@ -81,7 +85,7 @@ def run(models: str = "tiny", threads: int = 2, budget: float = 20.0, reps: int 
                              budget_s=budget)
     tokens = batch * seq
     rows, result = [], {"models": models, "threads": threads, "batch": batch, "seq": seq,
-                        "dtypes": list(dtypes), "runs": {}}
+                        "dtypes": list(dtypes), "keep_freed": kept, "runs": {}}
     dense_tps = tokens / (spread(times["dense"])["median_ms"] / 1e3) if "dense" in times else None
     for kind, ts in times.items():
         s = spread(ts)
@@ -110,8 +114,11 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=20.0, help="seconds of timed repeats")
     p.add_argument("--dtype", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                    help="precisions to time (first = the reference of the last column)")
+    p.add_argument("--no-keep-freed", action="store_true",
+                   help="leave glibc malloc as it is (the trainer's train.cpu_keep_freed=false)")
     a = p.parse_args(argv)
-    print(json.dumps(run(a.models, a.threads, a.budget, dtypes=tuple(a.dtype))))
+    result = run(a.models, a.threads, a.budget, dtypes=tuple(a.dtype), keep_freed=not a.no_keep_freed)
+    print(json.dumps(result))
     return 0
 
 
