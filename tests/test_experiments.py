@@ -47,6 +47,20 @@ def test_main_suite_is_matched():
     assert counts["moe"]["sparse"] > 8 * counts["dense"]["activated"]  # ~x11 sparse, as planned
 
 
+def test_fair_suite_is_matched_and_ultramem_keys_are_at_most_a_tenth_of_activated():
+    import torch
+
+    from ultramem.model import LanguageModel, LMConfig
+
+    counts = suites.check_matching(models=suites.FAIR)
+    assert counts["moe"]["sparse"] > 8 * counts["dense"]["activated"]
+    with torch.random.fork_rng():
+        model = LanguageModel(LMConfig.from_dict({**suites.FAIR["ultramem"], "vocab_size": suites.VOCAB,
+                                                  "max_seq_len": suites.SEQ}))
+    keys = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".keys_row", ".keys_col")))
+    assert 0 < keys <= 0.10 * counts["ultramem"]["activated"]
+
+
 def test_runner_skips_done_and_resumes_started(tmp_path):
     cfg_a = _write(tmp_path, "dense", "dense", 0)
     _write(tmp_path, "um", "ultramem", 0)

@@ -84,9 +84,10 @@ def handler(a) -> int:
     if a.action == "configs":
         paths = suites.write_configs(root / "configs", names, pd_english=a.pd_english)
         print(f"wrote {len(paths)} config(s) under {root / 'configs'}")
-    elif a.action == "match":
-        for kind, c in suites.check_matching().items():
-            print(f"{kind:9s} total {c['total']:>11,} activated {c['activated']:>10,} "
+    elif a.action == "match":  # the main suite's models, and the fair suite's when named
+        models = suites.FAIR if a.suites == ["fair"] else None
+        for kind, c in suites.check_matching(models=models).items():
+            print(f"{kind:11s} total {c['total']:>11,} activated {c['activated']:>10,} "
                   f"sparse {c['sparse']:>11,} FLOPs/token {c['flops_per_token']:>11,}")
     elif a.action == "status":
         for name in names:
