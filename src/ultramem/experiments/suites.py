@@ -235,8 +235,9 @@ def capacity_suite(pd_english: str = PD_ENGLISH) -> list[dict]:
 # 0.2%), total 57.9M for the sparse kinds (within 0.1%), sparse ~x11 the activated. UltraMem: two
 # memories reading blocks 1 and 4 (none reads block 0: the authors' placement rule), the authors'
 # init (main's best recipe difference) and the paper's raw scores (the softmax is for storing facts
-# in a short budget, not LM loss). V2: one pool shared by all 6 layers; at this width its keys and
-# projections take the SwiGLU down to 284 (memory ~60% of the block's FLOPs, the paper's ~17%).
+# in a short budget, not LM loss). V2: one pool shared by all 6 layers, its D_k and m doubled
+# (v1's 32 and 16) and no key expansion: with V2's default key_expansion=2 its 6 layers' keys were
+# 27% of the activated params (SwiGLU 284); with 1 they are 14% (SwiGLU 436).
 FAIR_BASE = {"dim": 256, "n_layers": 6, "n_heads": 4}
 FAIR = {
     "dense": {**FAIR_BASE, "ffn": "dense", "ffn_hidden": 768},
@@ -246,9 +247,9 @@ FAIR = {
     "ultramem": {**FAIR_BASE, "ffn": "ultramem", "ffn_hidden": 602, "memory_placement": "1:3/4:5",
                  "memory": {"num_keys": 452, "key_dim": 32, "value_dim": 128, "heads": 2, "topk": 16,
                             "tucker_rank": 2, "num_cores": 2, "value_expansion": 4, "init": "authors"}},
-    "ultramem-v2": {**FAIR_BASE, "ffn": "ultramem_v2", "ffn_hidden": 284,
+    "ultramem-v2": {**FAIR_BASE, "ffn": "ultramem_v2", "ffn_hidden": 436,
                     "memory": {"num_keys": 452, "key_dim": 64, "value_dim": 192, "pre_value_dim": 64,
-                               "topk": 32}},
+                               "topk": 32, "key_expansion": 1}},
 }
 # 1,000 steps of 4,096 tokens (4.1M tokens; main has 5.3M): measured at 1 thread with the other core
 # busy, a step takes 2.6 s (PKM, UltraMem) to 4.1 s (dense; MoE 3.6, V2 3.8), so the 10 runs take
