@@ -284,8 +284,8 @@ def _check_run_folder(tc: TrainConfig, out: Path) -> bool:
 def _setup(cfg: RunConfig, out: Path, log, data) -> _Session:
     tc = cfg.train
     device = resolve_device(tc.device)
-    if device.type == "cpu" and tc.cpu_keep_freed:
-        keep_freed_memory()  # process-wide and kept: see cpu_memory.py
+    if device.type == "cpu" and tc.cpu_keep_freed and keep_freed_memory():  # process-wide: cpu_memory.py
+        log("cpu: malloc keeps freed memory in the process (train.cpu_keep_freed=false to switch off)")
     if data is None:
         data = prepare_data(cfg.data, tc.cache_dir, log=log)
     need = tc.seq_len
