@@ -39,6 +39,9 @@ def test_ood_scores_each_finished_run_on_both_texts(tmp_path):
     written = ood.evaluate_suite(tmp_path, "tiny", other, "river", max_tokens=100, log=logged.append)
     assert sorted(p.name for p in written) == ["dense-s0.json", "dense-s1.json"]
     assert any("skip wide-s0: no checkpoint" in line for line in logged)
+    again = []  # a second call finds both scored and scores nothing
+    assert ood.evaluate_suite(tmp_path, "tiny", other, "river", max_tokens=100, log=again.append) == []
+    assert sum("already scored" in line for line in again) == 2
     rec = json.loads(written[0].read_text())
     # The same numbers as scoring the loaded checkpoint directly, each text with the same cap.
     model, _, tok, _ = load_run(str(tmp_path / "runs" / "tiny" / "dense-s0"))

@@ -63,6 +63,14 @@ def finished_runs(root: Path, suite: str) -> list[dict]:
     return out
 
 
+def _scored(path: Path, step: int, data: str, max_tokens: int) -> bool:
+    """A record of the same checkpoint step, text and cap is already there (rerunning is a no-op)."""
+    if not path.exists():
+        return False
+    rec = json.loads(path.read_text())
+    return (rec.get("step"), rec.get("data"), rec.get("max_tokens")) == (step, data, max_tokens)
+
+
 def evaluate_suite(root: Path, suite: str, data: str, tag: str, max_tokens: int = DEFAULT_TOKENS,
                    log=print) -> list[Path]:
     """Score every finished text run of the suite that still has its checkpoint; skip the rest."""
@@ -77,9 +85,12 @@ def evaluate_suite(root: Path, suite: str, data: str, tag: str, max_tokens: int 
         if r["step"] != r["spec"]["train"]["steps"]:
             log(f"skip {r['name']}: finished at step {r['step']}, not its last")
             continue
+        path = ood_dir(root, suite, tag) / f"{r['name']}.json"
+        if _scored(path, r["step"], data, max_tokens):
+            log(f"{r['name']}: already scored ({path})")
+            continue
         res = {"name": r["name"], "group": r["group"], "seed": r.get("seed"),
                **evaluate_run(run_dir, data, max_tokens)}
-        path = ood_dir(root, suite, tag) / f"{r['name']}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(res, indent=1) + "\n")
         log(f"{r['name']}: {tag} {res['ood']['bits_per_byte']:.4f} bits/byte, "
