@@ -33,8 +33,8 @@ def _faults(mode: str) -> int:
 @pytest.mark.skipif(_libc() is None, reason="needs glibc (Linux)")
 def test_freed_pages_are_reused_instead_of_faulted_in_again():
     pages = 64 * 2**20 // 4096
-    assert _faults("default") > pages // 2  # glibc unmapped the first tensor: every page faults again
-    assert _faults("keep") < pages // 20  # kept: the second tensor reuses the first one's pages
+    assert _faults("default") > pages // 2  # unmapped on every free: every page faults again
+    assert _faults("keep") < pages // 20  # kept: the last round reuses the earlier rounds' pages
 
 
 def _tiny_cfg(tmp_path, keep: bool):

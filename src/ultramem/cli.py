@@ -192,19 +192,14 @@ def cmd_eval(a) -> int:
 def _eval_text(a) -> int:
     """`ultramem eval RUN --data PATH`: any text, the run's own tokenizer, loss and bits per byte."""
     from .data.sources import read_text_documents
-    from .eval import text_loss
-    from .train import autocast_for, load_run
+    from .train import load_run, text_loss_of_run
 
     model, run_cfg, tok, ckpt = load_run(a.run, a.device)
     if tok is None:
         raise ValueError(f"{ckpt.path.parent}: no tokenizer.json next to the checkpoint")
     if a.max_tokens is not None and a.max_tokens < 1:
         raise ValueError(f"--max-tokens: must be a positive int (got {a.max_tokens})")
-    tr = run_cfg.get("train") or {}
-    seq_len = min(int(tr.get("seq_len", model.cfg.max_seq_len)), model.cfg.max_seq_len)
-    amp = autocast_for(tr.get("dtype", "auto"), next(model.parameters()).device)
-    res = text_loss(model, tok, read_text_documents(a.data, "--data"), seq_len,
-                    int(tr.get("batch_size", 16)), a.max_tokens, amp)
+    res = text_loss_of_run(model, tok, run_cfg, read_text_documents(a.data, "--data"), a.max_tokens)
     print(json.dumps({"checkpoint": str(ckpt.path), "step": ckpt.step, "data": a.data, **res}, indent=1))
     return 0
 

@@ -34,7 +34,7 @@ from .confbase import ConfigBase, fail, param
 from .counting import count_params, format_counts
 from .cpu_memory import keep_freed_memory
 from .data import DataConfig, TrainBatchSampler, prepare_data
-from .eval import evaluate, fact_recall, training_reads  # noqa: F401  (re-exported: the 0.1 API)
+from .eval import evaluate, fact_recall, text_loss, training_reads  # noqa: F401  (re-exported: the 0.1 API)
 from .model import LanguageModel, LMConfig
 from .optim import build_optimizer, clip_grad_norm
 from .runs import (  # noqa: F401  (load_run, read_metrics re-exported: the 0.1 API)
@@ -182,6 +182,15 @@ def autocast_for(dtype: str, device: torch.device):
     """bf16 autocast context (or a no-op for fp32); 'auto' = bf16 on CUDA only."""
     use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def text_loss_of_run(model, tokenizer, run_cfg: dict, docs: list[str], max_tokens: int | None = None) -> dict:
+    """`eval.text_loss` with a trained run's own settings (its seq_len, batch size and dtype, from
+    the resolved config a checkpoint carries): `ultramem eval --data` and `exp ood` score this way."""
+    tr = run_cfg.get("train") or {}
+    seq_len = min(int(tr.get("seq_len", model.cfg.max_seq_len)), model.cfg.max_seq_len)
+    amp = autocast_for(tr.get("dtype", "auto"), next(model.parameters()).device)
+    return text_loss(model, tokenizer, docs, seq_len, int(tr.get("batch_size", 16)), max_tokens, amp)
 
 
 def seed_everything(seed: int) -> None:

@@ -25,20 +25,10 @@ def ood_dir(root: Path, suite: str, tag: str) -> Path:
     return Path(root) / "results" / suite / "ood" / tag
 
 
-def _score(model, tok, run_cfg: dict, docs: list[str], max_tokens: int) -> dict:
-    from ..eval import text_loss
-    from ..train import autocast_for
-
-    tr = run_cfg.get("train") or {}
-    seq_len = min(int(tr.get("seq_len", model.cfg.max_seq_len)), model.cfg.max_seq_len)
-    amp = autocast_for(tr.get("dtype", "auto"), next(model.parameters()).device)
-    return text_loss(model, tok, docs, seq_len, int(tr.get("batch_size", 16)), max_tokens, amp)
-
-
 def evaluate_run(run_dir: Path, data: str, max_tokens: int = DEFAULT_TOKENS) -> dict:
     """{"ood": text_loss on `data`, "val": text_loss on the run's val text, step}: same cap."""
     from ..data.sources import read_text_documents
-    from ..train import load_run
+    from ..train import load_run, text_loss_of_run
 
     model, run_cfg, tok, ckpt = load_run(str(run_dir), "cpu")
     if tok is None:
@@ -46,9 +36,10 @@ def evaluate_run(run_dir: Path, data: str, max_tokens: int = DEFAULT_TOKENS) -> 
     val_path = (run_cfg.get("data") or {}).get("val_path")
     if not val_path:
         raise ValueError(f"{run_dir}: its data section has no val_path (not a text run)")
+    ood_docs, val_docs = read_text_documents(data, "--data"), read_text_documents(val_path, "val_path")
     return {"step": ckpt.step, "data": data, "max_tokens": max_tokens,
-            "ood": _score(model, tok, run_cfg, read_text_documents(data, "--data"), max_tokens),
-            "val": _score(model, tok, run_cfg, read_text_documents(val_path, "val_path"), max_tokens)}
+            "ood": text_loss_of_run(model, tok, run_cfg, ood_docs, max_tokens),
+            "val": text_loss_of_run(model, tok, run_cfg, val_docs, max_tokens)}
 
 
 def finished_runs(root: Path, suite: str) -> list[dict]:
