@@ -126,6 +126,24 @@ def test_report_lists_unfinished(tmp_path):
     assert "not finished: dense-s0" in md
 
 
+def _result(loss):
+    return {"val_loss": loss, "tokens": 4096, "tokens_per_s": 100.0,
+            "params": {"total": 1e6, "activated": 5e5, "flops_per_token": 1e6}}
+
+
+def test_group_table_compares_with_every_reference_group_and_the_paper():
+    groups = {"dense": [_result(3.0), _result(3.1)], "moe": [_result(2.9), _result(2.95)],
+              "ultramem": [_result(2.92), _result(2.94)]}
+    table = report.group_table(groups, paper=report.PAPER_MAIN_151M, versus=("dense", "moe", "pkm"))
+    head, _, dense, moe, um = table.splitlines()
+    assert "Δ val loss vs dense" in head and "Δ val loss vs moe" in head and "vs pkm" not in head
+    cells = [c.strip() for c in um.strip("|").split("|")]
+    # ultramem: -0.120 vs dense (ranges disjoint), +0.005 vs MoE (overlap), paper 2.67 - 2.96
+    assert cells[-5:] == ["-0.120", "yes (ranges disjoint)", "+0.005", "no (ranges overlap)", "-0.290"]
+    assert [c.strip() for c in dense.strip("|").split("|")][-5:-3] == ["+0.000", "-"]
+    assert [c.strip() for c in moe.strip("|").split("|")][-3:-1] == ["+0.000", "-"]
+
+
 def test_unknown_suite_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="suite: unknown 'nope'"):
         suites.write_configs(tmp_path, ["nope"])

@@ -9,6 +9,7 @@ Shape suffixes on tensor names (`x_BTD`) use one letter for one thing across the
     G IVE blocks (the paper's value expansion E)                 N value-table rows
     P keys scored per side (n')        Q stage-1 candidates (m1) S the two key sides
     J scored key columns               X any leading dims        Dk key width, Dv value width
+    Dc value chunk width (Dv / C)
 A module may add local letters in its own legend; it does not reuse one of these for another thing.
 """
 

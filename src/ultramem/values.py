@@ -93,8 +93,8 @@ class ValueTable(nn.Module):
         if lookup not in LOOKUP_KINDS:
             raise ValueError(f"impl: must be one of {LOOKUP_KINDS} (got {lookup!r})")
         fn = pool_reference if lookup == "reference" else dispatch.select("pool", self.weight).fn
-        out_TGCD = fn(self.weight, row_TK, bag_TK, w_TKC, num_bags, self.sparse)
-        return out_TGCD.reshape(row_TK.shape[0], num_bags, self.dim)
+        out_TGCDc = fn(self.weight, row_TK, bag_TK, w_TKC, num_bags, self.sparse)
+        return out_TGCDc.reshape(row_TK.shape[0], num_bags, self.dim)
 
     def extra_repr(self) -> str:
         return (f"rows={self.num_rows}, dim={self.dim}, chunks={self.num_chunks}, sparse={self.sparse}, "

@@ -17,7 +17,7 @@ gradient of every token of the mp group (the group's batches act as one batch). 
 dimension the trainer still all-reduces the shard's gradient (see `ultramem.distributed.train`).
 
 Shape legend: T tokens, K kept entries per token, G bags per token, C chunks, W local chunk
-width, E entries (flattened T*K), S partial sums (segments), P mp ranks.
+width, Z entries (flattened T*K), Y partial sums (segments), I mp ranks (`self.P` of them).
 """
 
 from __future__ import annotations
@@ -61,14 +61,14 @@ class _ShardedTable(nn.Module):
     def local_shape(self) -> tuple[int, int]:
         raise NotImplementedError
 
-    def local_slice(self, full_ND: torch.Tensor) -> torch.Tensor:
+    def local_slice(self, full_NDc: torch.Tensor) -> torch.Tensor:
         """This rank's shard of a full (N * C, D_v / C) table."""
-        return full_ND.tensor_split(self.P, dim=self.shard_dim)[self.rank]
+        return full_NDc.tensor_split(self.P, dim=self.shard_dim)[self.rank]
 
     @torch.no_grad()
-    def load_full(self, full_ND: torch.Tensor) -> None:
+    def load_full(self, full_NDc: torch.Tensor) -> None:
         """Copy this rank's slice of the whole table (same on every rank) into the shard."""
-        self.weight.to_local().copy_(self.local_slice(full_ND.to(self.weight.device)))
+        self.weight.to_local().copy_(self.local_slice(full_NDc.to(self.weight.device)))
 
     @torch.no_grad()
     def init_weights(self, std: float) -> None:
@@ -115,9 +115,9 @@ class DimShardedTable(_ShardedTable):
         out_all = self._pool_fn(weight)(weight, ids_all // G, ids_all % G, w_all, G, False)
         # Rank s's real tokens are rows [s Tmax, s Tmax + T_s) of the gathered batch.
         send = torch.cat([out_all[s * Tmax: s * Tmax + n] for s, n in enumerate(counts)])
-        mine_PT = comm.all_to_all(send.flatten(1), counts, [T] * P, self.group)
-        out_TGCPW = mine_PT.view(P, T, G, C, weight.shape[1]).permute(1, 2, 3, 0, 4)
-        return out_TGCPW.reshape(T, G, self.dim)
+        mine_IT = comm.all_to_all(send.flatten(1), counts, [T] * P, self.group)
+        out_TGCIW = mine_IT.view(P, T, G, C, weight.shape[1]).permute(1, 2, 3, 0, 4)
+        return out_TGCIW.reshape(T, G, self.dim)
 
 
 class RowShardedTable(_ShardedTable):
@@ -140,18 +140,18 @@ class RowShardedTable(_ShardedTable):
         plan = _route(row_TK, bag_TK, G, self.num_rows // P, P)
         splits = comm.all_to_all_raw(plan.splits_P2, [1] * P, [1] * P, self.group)
         in_e, in_s = splits[:, 0].tolist(), splits[:, 1].tolist()
-        ids_E = comm.all_to_all_raw(plan.ids_E, plan.send_e, in_e, self.group)
-        w_EC = comm.all_to_all(w_TKC.to(weight.dtype).reshape(T * K, C)[plan.order_E], plan.send_e, in_e,
+        ids_Z = comm.all_to_all_raw(plan.ids_Z, plan.send_e, in_e, self.group)
+        w_ZC = comm.all_to_all(w_TKC.to(weight.dtype).reshape(T * K, C)[plan.order_Z], plan.send_e, in_e,
                                self.group)
-        partial_SD = _pool_segments(weight, ids_E, w_EC, in_e, in_s, C)
-        back_SD = comm.all_to_all(partial_SD, in_s, plan.send_s, self.group)
-        out = back_SD.new_zeros(T * G, self.dim).index_add(0, plan.seg_tg_S, back_SD)
+        partial_YDv = _pool_segments(weight, ids_Z, w_ZC, in_e, in_s, C)
+        back_YDv = comm.all_to_all(partial_YDv, in_s, plan.send_s, self.group)
+        out = back_YDv.new_zeros(T * G, self.dim).index_add(0, plan.seg_tg_Y, back_YDv)
         return out.view(T, G, self.dim)
 
 
 class _Route:
-    """Where a rank's entries go: `order_E` sorts them by (owner, token, bag); one segment per
-    distinct (owner, token, bag); `ids_E` packs (segment within its message, local row)."""
+    """Where a rank's entries go: `order_Z` sorts them by (owner, token, bag); one segment per
+    distinct (owner, token, bag); `ids_Z` packs (segment within its message, local row)."""
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
@@ -160,38 +160,38 @@ class _Route:
 def _route(row_TK: torch.Tensor, bag_TK: torch.Tensor | None, G: int, rows_per: int, P: int) -> _Route:
     T, K = row_TK.shape
     dev = row_TK.device
-    owner_E = torch.div(row_TK, rows_per, rounding_mode="floor").reshape(-1)
-    tok_E = torch.arange(T, device=dev).repeat_interleave(K)
-    bag_E = bag_TK.reshape(-1) if bag_TK is not None else torch.zeros_like(owner_E)
-    key_E = (owner_E * T + tok_E) * G + bag_E
-    key_sorted, order_E = torch.sort(key_E, stable=True)
-    segs, seg_of_E = torch.unique_consecutive(key_sorted, return_inverse=True)
+    owner_Z = torch.div(row_TK, rows_per, rounding_mode="floor").reshape(-1)
+    tok_Z = torch.arange(T, device=dev).repeat_interleave(K)
+    bag_Z = bag_TK.reshape(-1) if bag_TK is not None else torch.zeros_like(owner_Z)
+    key_Z = (owner_Z * T + tok_Z) * G + bag_Z
+    key_sorted, order_Z = torch.sort(key_Z, stable=True)
+    segs, seg_of_Z = torch.unique_consecutive(key_sorted, return_inverse=True)
     seg_owner = torch.div(segs, T * G, rounding_mode="floor")
-    send_e = torch.bincount(owner_E, minlength=P)
+    send_e = torch.bincount(owner_Z, minlength=P)
     send_s = torch.bincount(seg_owner, minlength=P)
     seg_start = torch.cumsum(send_s, 0) - send_s  # first segment of each owner's message
-    seg_local_E = seg_of_E - seg_start[owner_E[order_E]]
-    local_row_E = row_TK.reshape(-1)[order_E] - owner_E[order_E] * rows_per
-    return _Route(order_E=order_E, ids_E=seg_local_E * rows_per + local_row_E, rows_per=rows_per,
-                  send_e=send_e.tolist(), send_s=send_s.tolist(), seg_tg_S=segs - seg_owner * T * G,
+    seg_local_Z = seg_of_Z - seg_start[owner_Z[order_Z]]
+    local_row_Z = row_TK.reshape(-1)[order_Z] - owner_Z[order_Z] * rows_per
+    return _Route(order_Z=order_Z, ids_Z=seg_local_Z * rows_per + local_row_Z, rows_per=rows_per,
+                  send_e=send_e.tolist(), send_s=send_s.tolist(), seg_tg_Y=segs - seg_owner * T * G,
                   splits_P2=torch.stack([send_e, send_s], 1))
 
 
-def _pool_segments(weight_ND: torch.Tensor, ids_E: torch.Tensor, w_EC: torch.Tensor, in_e: list[int],
+def _pool_segments(weight_NDc: torch.Tensor, ids_Z: torch.Tensor, w_ZC: torch.Tensor, in_e: list[int],
                    in_s: list[int], C: int) -> torch.Tensor:
     """The owner's side: one partial sum (C * W) per received segment, segments in arrival order."""
-    rows_per = weight_ND.shape[0] // C
-    dev = ids_E.device
-    sender_E = torch.arange(len(in_e), device=dev).repeat_interleave(torch.tensor(in_e, device=dev))
+    rows_per = weight_NDc.shape[0] // C
+    dev = ids_Z.device
+    sender_Z = torch.arange(len(in_e), device=dev).repeat_interleave(torch.tensor(in_e, device=dev))
     base = torch.cumsum(torch.tensor(in_s, device=dev), 0) - torch.tensor(in_s, device=dev)
-    seg_E = torch.div(ids_E, rows_per, rounding_mode="floor") + base[sender_E]
-    row_E = ids_E % rows_per
-    S, E = sum(in_s), ids_E.shape[0]
-    sizes_S = torch.bincount(seg_E, minlength=S)
-    starts_S = torch.cumsum(sizes_S, 0) - sizes_S
+    seg_Z = torch.div(ids_Z, rows_per, rounding_mode="floor") + base[sender_Z]
+    row_Z = ids_Z % rows_per
+    Y, Z = sum(in_s), ids_Z.shape[0]
+    sizes_Y = torch.bincount(seg_Z, minlength=Y)
+    starts_Y = torch.cumsum(sizes_Y, 0) - sizes_Y
     # One embedding_bag over (chunk, segment) bags: chunk c of row i is storage row i * C + c.
-    idx_CE = row_E.unsqueeze(0) * C + torch.arange(C, device=dev).unsqueeze(1)
-    offsets = (starts_S.unsqueeze(0) + E * torch.arange(C, device=dev).unsqueeze(1)).reshape(-1)
-    out = F.embedding_bag(idx_CE.reshape(-1), weight_ND, offsets, mode="sum",
-                          per_sample_weights=w_EC.t().reshape(-1))
-    return out.view(C, S, weight_ND.shape[1]).transpose(0, 1).reshape(S, C * weight_ND.shape[1])
+    idx_CZ = row_Z.unsqueeze(0) * C + torch.arange(C, device=dev).unsqueeze(1)
+    offsets = (starts_Y.unsqueeze(0) + Z * torch.arange(C, device=dev).unsqueeze(1)).reshape(-1)
+    out = F.embedding_bag(idx_CZ.reshape(-1), weight_NDc, offsets, mode="sum",
+                          per_sample_weights=w_ZC.t().reshape(-1))
+    return out.view(C, Y, weight_NDc.shape[1]).transpose(0, 1).reshape(Y, C * weight_NDc.shape[1])

@@ -63,15 +63,38 @@ def _fmt(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + ("" if len(values) < 2 else f" ± {spread / 2:.{digits}f}")
 
 
+def _versus_cells(rs: list[dict], ref: list[dict]) -> list[str]:
+    """Δ of the mean val loss against a reference group and whether the seed ranges separate."""
+    losses, ref_losses = [r["val_loss"] for r in rs], [r["val_loss"] for r in ref]
+    if rs is ref:
+        return ["+0.000", "-"]
+    return [f"{statistics.fmean(losses) - statistics.fmean(ref_losses):+.3f}", separated(losses, ref_losses)]
+
+
+def _paper_cell(name: str, paper: dict) -> str:
+    ref = paper.get(name.split("-", 1)[-1] if name[:2].isdigit() else name)
+    if ref is not None and not name[:2].isdigit() and paper.get("dense") is not None:
+        ref -= paper["dense"]  # the paper's gap to its dense model, comparable to ours
+    return "-" if ref is None else f"{ref:+.3f}"
+
+
 def group_table(groups: dict[str, list[dict]], order: list[str] | None = None,
-                paper: dict | None = None, paper_label: str = "paper") -> str:
-    """One row per group: params, FLOPs, tokens, val loss, fact recall (if any), train tokens/s."""
+                paper: dict | None = None, paper_label: str = "paper",
+                versus: tuple[str, ...] = ("dense",)) -> str:
+    """One row per group: params, FLOPs, tokens, val loss, fact recall (if any), train tokens/s, and
+    the val-loss gap to each reference group in `versus` that has results (the fact-corpus suites
+    name theirs "facts-<kind>"), with the seed-noise verdict."""
     has_facts = any("fact_acc" in r for rs in groups.values() for r in rs)
     head = ["run", "seeds", "total params", "activated", "MFLOP/token", "tokens", "val loss"]
     head += ["fact acc (seen)", "fact acc (held-out)"] if has_facts else []
-    base = groups.get("dense") or groups.get("facts-dense")
-    base_loss = statistics.fmean(r["val_loss"] for r in base) if base else None
-    head += ["train tok/s"] + (["Δ val loss vs dense", "beyond seed noise?"] if base_loss is not None else [])
+    refs = {}
+    for kind in versus:
+        ref = groups.get(kind) or groups.get(f"facts-{kind}")
+        if ref:
+            refs[kind] = ref
+    head += ["train tok/s"]
+    for kind in refs:
+        head += [f"Δ val loss vs {kind}", "beyond seed noise?"]
     head += [paper_label] if paper else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in order or sorted(groups):
@@ -87,15 +110,10 @@ def group_table(groups: dict[str, list[dict]], order: list[str] | None = None,
             row += [_fmt([r.get("fact_acc_seen", float("nan")) for r in rs], 3),
                     _fmt([r.get("fact_acc_heldout", float("nan")) for r in rs], 3)]
         row.append(f"{statistics.fmean(r['tokens_per_s'] for r in rs):,.0f}")
-        if base_loss is not None:
-            row.append(f"{statistics.fmean(r['val_loss'] for r in rs) - base_loss:+.3f}")
-            losses, base_losses = [r["val_loss"] for r in rs], [r["val_loss"] for r in base]
-            row.append("-" if rs is base else separated(losses, base_losses))
+        for ref in refs.values():
+            row += _versus_cells(rs, ref)
         if paper:
-            ref = paper.get(name.split("-", 1)[-1] if name[:2].isdigit() else name)
-            if ref is not None and not name[:2].isdigit() and paper.get("dense") is not None:
-                ref -= paper["dense"]  # the paper's gap to its dense model, comparable to ours
-            row.append("-" if ref is None else f"{ref:+.3f}")
+            row.append(_paper_cell(name, paper))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -197,20 +215,23 @@ def write_report(root: Path, suite: str) -> Path:
     parts = [f"# Suite `{suite}`", ""] + _suite_sections(root, suite, groups, out_dir)
     text_groups = {k: v for k, v in groups.items() if not k.startswith("facts-")}
     fact_groups = {k: v for k, v in groups.items() if k.startswith("facts-")}
-    paper = PAPER_MAIN_151M if suite == "main" else PAPER_ABLATION_DELTA if suite == "ablation" else None
+    main_like = suite in ("main", "fair")  # the matched comparisons: dense, MoE, PKM, UltraMem, V2
+    paper = PAPER_MAIN_151M if main_like else PAPER_ABLATION_DELTA if suite == "ablation" else None
+    versus = ("dense", "moe") if main_like else ("dense",)
     if text_groups:
-        label = ("paper Δ vs dense (C4, 151M activated, 1T tokens)" if suite == "main"
+        label = ("paper Δ vs dense (C4, 151M activated, 1T tokens)" if main_like
                  else "paper Δ from previous rung")
         order = sorted(set(text_groups) | {g for g in configured_groups(root, suite)
                                            if not g.startswith("facts-")})
-        parts += [group_table(text_groups, order=order, paper=paper, paper_label=label), ""]
+        parts += [group_table(text_groups, order=order, paper=paper, paper_label=label,
+                                  versus=versus), ""]
         if suite != "capacity":  # its curves are the capacity plot
             png = plot_curves(root, suite, groups, out_dir / f"{suite}_loss.png")
             parts += [f"![{suite} loss curves]({png.name})", ""]
     if fact_groups:
         order = sorted(set(fact_groups) | {g for g in configured_groups(root, suite)
                                            if g.startswith("facts-")})
-        parts += ["Generated fact corpus:", "", group_table(fact_groups, order=order), ""]
+        parts += ["Generated fact corpus:", "", group_table(fact_groups, order=order, versus=versus), ""]
         png = plot_curves(root, suite, groups, out_dir / f"{suite}_facts_loss.png", prefix="facts-")
         parts += [f"![{suite} fact-corpus loss curves]({png.name})", ""]
     parts += ood.ood_sections(root, suite)

@@ -3,12 +3,12 @@
 Shape legend (suffixes on tensor names):
     T  tokens (batch and time flattened)     K  kept entries per token
     G  bags per token (IVE blocks; 1 for PKM)
-    C  value chunks (MCS cores h)            D  chunk width (D_v / h)
+    C  value chunks (MCS cores h)            Dc chunk width (D_v / h)
     N  storage rows of the table (physical rows * C)
     U  distinct storage rows read (pool_gathered)
 
 Semantics, shared by every implementation:
-    out_TGCD[t, g, c] = sum over k with bag_TK[t, k] == g of  w_TKC[t, k, c] * W[row_TK[t, k] * C + c]
+    out_TGCDc[t, g, c] = sum over k with bag_TK[t, k] == g of  w_TKC[t, k, c] * W[row_TK[t, k] * C + c]
 
 The table is stored as (rows * C, D) so chunk c of row i is storage row i * C + c: every
 (token, bag, chunk) is one bag of `embedding_bag` with a scalar weight per entry, and row-sparse
@@ -23,16 +23,16 @@ import torch.nn.functional as F
 from .dispatch import register, select
 
 
-def pool_reference(weight_ND: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Tensor | None,
+def pool_reference(weight_NDc: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Tensor | None,
                    w_TKC: torch.Tensor, num_bags: int, sparse: bool = False) -> torch.Tensor:
     """The oracle: gather every kept row, weight it and sum with a one-hot bag matrix."""
     C = w_TKC.shape[-1]
     idx_TKC = row_TK.unsqueeze(-1) * C + torch.arange(C, device=row_TK.device)
-    gathered_TKCD = F.embedding(idx_TKC, weight_ND, sparse=sparse)
+    gathered_TKCDc = F.embedding(idx_TKC, weight_NDc, sparse=sparse)
     if bag_TK is None:
         bag_TK = torch.zeros_like(row_TK)
-    onehot_TKG = F.one_hot(bag_TK, num_bags).to(gathered_TKCD.dtype)
-    return torch.einsum("tkg,tkc,tkcd->tgcd", onehot_TKG, w_TKC.to(gathered_TKCD.dtype), gathered_TKCD)
+    onehot_TKG = F.one_hot(bag_TK, num_bags).to(gathered_TKCDc.dtype)
+    return torch.einsum("tkg,tkc,tkcd->tgcd", onehot_TKG, w_TKC.to(gathered_TKCDc.dtype), gathered_TKCDc)
 
 
 def bag_layout(row_TK: torch.Tensor, bag_TK: torch.Tensor | None, w_TKC: torch.Tensor,
@@ -67,12 +67,12 @@ def unbag(out: torch.Tensor, T: int, C: int, num_bags: int) -> torch.Tensor:
     return out.view(T, C, num_bags, -1).transpose(1, 2)
 
 
-def pool_fused(weight_ND: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Tensor | None,
+def pool_fused(weight_NDc: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Tensor | None,
                w_TKC: torch.Tensor, num_bags: int, sparse: bool = False) -> torch.Tensor:
     """One `embedding_bag` call over all (token, chunk, bag) bags; no (T, K, dim) gather is built."""
     T, C = row_TK.shape[0], w_TKC.shape[-1]
-    idx, offsets, psw, G = bag_layout(row_TK, bag_TK, w_TKC.to(weight_ND.dtype), num_bags)
-    out = F.embedding_bag(idx, weight_ND, offsets, mode="sum", per_sample_weights=psw, sparse=sparse)
+    idx, offsets, psw, G = bag_layout(row_TK, bag_TK, w_TKC.to(weight_NDc.dtype), num_bags)
+    out = F.embedding_bag(idx, weight_NDc, offsets, mode="sum", per_sample_weights=psw, sparse=sparse)
     return unbag(out, T, C, G)
 
 
@@ -87,11 +87,11 @@ def pool_gathered(rows_fn, row_TK: torch.Tensor, bag_TK: torch.Tensor | None, w_
     T, C = row_TK.shape[0], w_TKC.shape[-1]
     idx, offsets, psw, G = bag_layout(row_TK, bag_TK, w_TKC, num_bags)
     uniq_U, inverse = torch.unique(idx, return_inverse=True)
-    dense_UD = rows_fn(uniq_U)
-    psw = psw.to(dense_UD.dtype)
+    dense_UDc = rows_fn(uniq_U)
+    psw = psw.to(dense_UDc.dtype)
     if row_scale_N is not None:
-        psw = psw * row_scale_N.index_select(0, idx).to(dense_UD.dtype)
-    out = F.embedding_bag(inverse, dense_UD, offsets, mode="sum", per_sample_weights=psw)
+        psw = psw * row_scale_N.index_select(0, idx).to(dense_UDc.dtype)
+    out = F.embedding_bag(inverse, dense_UDc, offsets, mode="sum", per_sample_weights=psw)
     return unbag(out, T, C, G)
 
 
@@ -99,7 +99,7 @@ register("pool", "reference", pool_reference, reference=True)
 register("pool", "embedding_bag", pool_fused)
 
 
-def pool(weight_ND: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Tensor | None, w_TKC: torch.Tensor,
+def pool(weight_NDc: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Tensor | None, w_TKC: torch.Tensor,
          num_bags: int = 1, sparse: bool = False) -> torch.Tensor:
     """(T, G, C, D) pooled chunks; the implementation is picked by `dispatch.select`."""
-    return select("pool", weight_ND).fn(weight_ND, row_TK, bag_TK, w_TKC, num_bags, sparse)
+    return select("pool", weight_NDc).fn(weight_NDc, row_TK, bag_TK, w_TKC, num_bags, sparse)

@@ -5,10 +5,10 @@ Three layers, as in scattermoe: the kernels (`_pool_fwd_kernel`, `_pool_bwd_kern
 for CUDA tensors by `ops.triton_registry`). The reference is `ops.pooling.pool_reference`.
 
 Shape legend (as in `pooling.py`): T tokens, K kept entries per token, G bags per token (IVE
-blocks), C chunks (MCS cores), D chunk width, N storage rows (physical rows * C), E = T*K*C
+blocks), C chunks (MCS cores), Dc chunk width, N storage rows (physical rows * C), Z = T*K*C
 (token, entry, chunk) triples, U distinct storage rows among them.
 
-    out_TGCD[t, g, c] = sum over k with bag_TK[t, k] == g of  w_TKC[t, k, c] * W[row_TK[t, k] * C + c]
+    out_TGCDc[t, g, c] = sum over k with bag_TK[t, k] == g of  w_TKC[t, k, c] * W[row_TK[t, k] * C + c]
 
 Forward: one program per (token, bag, chunk, D block); it walks the token's K entries and loads
 only the table rows of its bag (masked loads), so every kept row is read from memory once,
@@ -20,7 +20,7 @@ Backward, both gradients from one pass over the kept rows:
 - table, dense: fp32 atomic adds of w * dout into an (N, D) buffer (fast; the summation order of
   rows read by several tokens varies from run to run);
 - table, deterministic (`deterministic=True`, or torch.use_deterministic_algorithms) or sparse:
-  the E triples are sorted by storage row and each distinct row's contributions summed in a
+  the Z triples are sorted by storage row and each distinct row's contributions summed in a
   fixed order by one program (`_segment_sum_kernel`); a sparse table (sparse=True) gets a
   coalesced sparse COO gradient of those U rows, a dense one gets them scattered into zeros.
 
@@ -112,100 +112,100 @@ def _block_d(D: int) -> int:
     return min(triton.next_power_of_2(D), 256)
 
 
-def _check_launchable(weight_ND: torch.Tensor) -> None:
-    if weight_ND.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+def _check_launchable(weight_NDc: torch.Tensor) -> None:
+    if weight_NDc.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"weight: the Triton pool runs on CUDA tensors, or on CPU under "
-                         f"TRITON_INTERPRET=1 (got device {weight_ND.device})")
+                         f"TRITON_INTERPRET=1 (got device {weight_NDc.device})")
 
 
-def pool_forward(weight_ND, row_TK, bag_TK, w_TKC, num_bags: int) -> torch.Tensor:
+def pool_forward(weight_NDc, row_TK, bag_TK, w_TKC, num_bags: int) -> torch.Tensor:
     """(T, G, C, D) pooled chunks in the table's dtype (no autograd)."""
-    _check_launchable(weight_ND)
+    _check_launchable(weight_NDc)
     T, K = row_TK.shape
-    C, D = w_TKC.shape[-1], weight_ND.shape[-1]
+    C, D = w_TKC.shape[-1], weight_NDc.shape[-1]
     G = num_bags if bag_TK is not None else 1
-    out = weight_ND.new_empty(T, G, C, D)
+    out = weight_NDc.new_empty(T, G, C, D)
     if T == 0 or K == 0:
         return out.zero_()
     BD = _block_d(D)
     bag = bag_TK.contiguous() if bag_TK is not None else row_TK
     _pool_fwd_kernel[(T, G * C, triton.cdiv(D, BD))](
-        weight_ND, row_TK.contiguous(), bag, w_TKC.contiguous(), out, K, G, C, D,
+        weight_NDc, row_TK.contiguous(), bag, w_TKC.contiguous(), out, K, G, C, D,
         HAS_BAG=bag_TK is not None, BLOCK_K=BLOCK_K, BLOCK_D=BD)
     return out
 
 
-def pool_backward(weight_ND, row_TK, bag_TK, w_TKC, dout_TGCD, need_table: bool, need_w: bool,
+def pool_backward(weight_NDc, row_TK, bag_TK, w_TKC, dout_TGCDc, need_table: bool, need_w: bool,
                   sparse: bool, deterministic: bool):
     """(grad of the table: dense, sparse COO or None; grad of w_TKC or None)."""
     T, K = row_TK.shape
-    C, D = w_TKC.shape[-1], weight_ND.shape[-1]
-    G = dout_TGCD.shape[1]
-    dout = dout_TGCD.contiguous()
+    C, D = w_TKC.shape[-1], weight_NDc.shape[-1]
+    G = dout_TGCDc.shape[1]
+    dout = dout_TGCDc.contiguous()
     atomic = need_table and not (sparse or deterministic)
-    dtab = torch.zeros(weight_ND.shape, dtype=torch.float32, device=weight_ND.device) if atomic else None
+    dtab = torch.zeros(weight_NDc.shape, dtype=torch.float32, device=weight_NDc.device) if atomic else None
     dwt = torch.empty(T, K, C, dtype=w_TKC.dtype, device=w_TKC.device) if need_w else None
     if (atomic or need_w) and T * K > 0:
         BD = _block_d(D)
         bag = bag_TK.contiguous() if bag_TK is not None else row_TK
         _pool_bwd_kernel[(T, C, triton.cdiv(K, BLOCK_K))](
-            weight_ND, row_TK.contiguous(), bag, w_TKC.contiguous(), dout, dtab, dwt, K, G, C, D,
+            weight_NDc, row_TK.contiguous(), bag, w_TKC.contiguous(), dout, dtab, dwt, K, G, C, D,
             HAS_BAG=bag_TK is not None, ATOMIC=atomic, NEED_DWT=need_w, BLOCK_K=BLOCK_K, BLOCK_D=BD)
     if need_w and T * K == 0:
         dwt.zero_()
     if atomic:
-        return dtab.to(weight_ND.dtype), dwt
+        return dtab.to(weight_NDc.dtype), dwt
     if not need_table:
         return None, dwt
-    return _table_grad_by_row(weight_ND, row_TK, bag_TK, w_TKC, dout, sparse), dwt
+    return _table_grad_by_row(weight_NDc, row_TK, bag_TK, w_TKC, dout, sparse), dwt
 
 
-def _table_grad_by_row(weight_ND, row_TK, bag_TK, w_TKC, dout_TGCD, sparse: bool) -> torch.Tensor:
+def _table_grad_by_row(weight_NDc, row_TK, bag_TK, w_TKC, dout_TGCDc, sparse: bool) -> torch.Tensor:
     """The table gradient summed per distinct storage row in a fixed order (sort + segment sum)."""
     T, K = row_TK.shape
-    C, D = w_TKC.shape[-1], weight_ND.shape[-1]
-    G = dout_TGCD.shape[1]
+    C, D = w_TKC.shape[-1], weight_NDc.shape[-1]
+    G = dout_TGCDc.shape[1]
     chunk_C = torch.arange(C, device=row_TK.device)
-    dst_E = (row_TK.unsqueeze(-1) * C + chunk_C).reshape(-1)
+    dst_Z = (row_TK.unsqueeze(-1) * C + chunk_C).reshape(-1)
     bag = bag_TK if bag_TK is not None else torch.zeros_like(row_TK)
     tok_T1 = torch.arange(T, device=row_TK.device).unsqueeze(-1)
-    src_E = (((tok_T1 * G + bag).unsqueeze(-1)) * C + chunk_C).reshape(-1)
-    order_E = torch.argsort(dst_E, stable=True)
-    rows_U, counts_U = torch.unique_consecutive(dst_E[order_E], return_counts=True)
+    src_Z = (((tok_T1 * G + bag).unsqueeze(-1)) * C + chunk_C).reshape(-1)
+    order_Z = torch.argsort(dst_Z, stable=True)
+    rows_U, counts_U = torch.unique_consecutive(dst_Z[order_Z], return_counts=True)
     starts = torch.zeros(rows_U.numel() + 1, dtype=torch.long, device=row_TK.device)
     torch.cumsum(counts_U, 0, out=starts[1:])
-    sums_UD = torch.empty(rows_U.numel(), D, dtype=torch.float32, device=weight_ND.device)
+    sums_UDc = torch.empty(rows_U.numel(), D, dtype=torch.float32, device=weight_NDc.device)
     if rows_U.numel():
         BD = _block_d(D)
         _segment_sum_kernel[(rows_U.numel(), triton.cdiv(D, BD))](
-            dout_TGCD, src_E[order_E].contiguous(), w_TKC.reshape(-1)[order_E].contiguous(), starts,
-            sums_UD, D, BLOCK_D=BD)
-    sums_UD = sums_UD.to(weight_ND.dtype)
+            dout_TGCDc, src_Z[order_Z].contiguous(), w_TKC.reshape(-1)[order_Z].contiguous(), starts,
+            sums_UDc, D, BLOCK_D=BD)
+    sums_UDc = sums_UDc.to(weight_NDc.dtype)
     if sparse:
-        return torch.sparse_coo_tensor(rows_U.unsqueeze(0), sums_UD, weight_ND.shape, is_coalesced=True,
+        return torch.sparse_coo_tensor(rows_U.unsqueeze(0), sums_UDc, weight_NDc.shape, is_coalesced=True,
                                        check_invariants=False)
-    return torch.zeros_like(weight_ND).index_copy_(0, rows_U, sums_UD)
+    return torch.zeros_like(weight_NDc).index_copy_(0, rows_U, sums_UDc)
 
 
 class PoolFunction(torch.autograd.Function):
     """Autograd around the fused lookup: gradients for the table and the per-slot weights."""
 
     @staticmethod
-    def forward(ctx, weight_ND, row_TK, bag_TK, w_TKC, num_bags, sparse, deterministic):
-        ctx.save_for_backward(weight_ND, row_TK, bag_TK, w_TKC)
+    def forward(ctx, weight_NDc, row_TK, bag_TK, w_TKC, num_bags, sparse, deterministic):
+        ctx.save_for_backward(weight_NDc, row_TK, bag_TK, w_TKC)
         ctx.sparse, ctx.deterministic = sparse, deterministic
-        return pool_forward(weight_ND, row_TK, bag_TK, w_TKC, num_bags)
+        return pool_forward(weight_NDc, row_TK, bag_TK, w_TKC, num_bags)
 
     @staticmethod
-    def backward(ctx, dout_TGCD):
-        weight_ND, row_TK, bag_TK, w_TKC = ctx.saved_tensors
+    def backward(ctx, dout_TGCDc):
+        weight_NDc, row_TK, bag_TK, w_TKC = ctx.saved_tensors
         need_table, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        d_table, d_w = pool_backward(weight_ND, row_TK, bag_TK, w_TKC, dout_TGCD, need_table, need_w,
+        d_table, d_w = pool_backward(weight_NDc, row_TK, bag_TK, w_TKC, dout_TGCDc, need_table, need_w,
                                      ctx.sparse, ctx.deterministic)
         return d_table, None, None, d_w, None, None, None
 
 
-def pool_triton(weight_ND: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Tensor | None,
+def pool_triton(weight_NDc: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Tensor | None,
                 w_TKC: torch.Tensor, num_bags: int = 1, sparse: bool = False,
                 deterministic: bool | None = None) -> torch.Tensor:
     """(T, G, C, D) pooled chunks (same semantics as `pool_reference`), differentiable in the table
@@ -214,4 +214,4 @@ def pool_triton(weight_ND: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Ten
         deterministic = torch.are_deterministic_algorithms_enabled()
     if bag_TK is None or num_bags == 1:
         bag_TK, num_bags = None, 1
-    return PoolFunction.apply(weight_ND, row_TK, bag_TK, w_TKC, num_bags, bool(sparse), bool(deterministic))
+    return PoolFunction.apply(weight_NDc, row_TK, bag_TK, w_TKC, num_bags, bool(sparse), bool(deterministic))

@@ -25,10 +25,10 @@ def on_cuda_with_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and triton_available()
 
 
-def _pool(weight_ND, row_TK, bag_TK, w_TKC, num_bags, sparse):
+def _pool(weight_NDc, row_TK, bag_TK, w_TKC, num_bags, sparse):
     from .triton_pool import pool_triton
 
-    return pool_triton(weight_ND, row_TK, bag_TK, w_TKC, num_bags, sparse)
+    return pool_triton(weight_NDc, row_TK, bag_TK, w_TKC, num_bags, sparse)
 
 
 def _stage1_topk(q_NSK, keys_SKJ, ut_SHR, m1, cache=None):
