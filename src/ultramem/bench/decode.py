@@ -567,7 +567,16 @@ def run_from_args(a: argparse.Namespace) -> int:
     paths = write_outputs(rep, a.out)
     print(format_markdown(rep))
     print(f"wrote {paths['json']}, {paths['markdown']}, " + ", ".join(map(str, paths["plots"])))
+    print(json.dumps(summary_line(rep, paths["json"])))
     return 0
+
+
+def summary_line(rep: dict, json_path) -> dict:
+    """The one JSON line printed last: device, targets and every record's median (the full report,
+    with every repeat's time and the byte accounting, is in the JSON file it names)."""
+    keep = ("level", "sweep", "name", "kind", "ratio", "B", "ctx", "median_ms", "tokens_per_s", "GBps")
+    return {**{k: rep.get(k) for k in ("bench", "device", "dtype", "threads", "quick", "targets")},
+            "records": [{k: r.get(k) for k in keep} for r in rep["records"]], "json": str(json_path)}
 
 
 def register(subparsers) -> None:
