@@ -165,6 +165,30 @@ def test_probe_evaluates_a_trained_run_under_every_search(tmp_path):
     assert rows[3]["mem0_recall"] == 1.0  # m1 = n' = 16: stage 1 filters nothing
 
 
+def test_an_interrupted_run_writes_no_result_and_is_resumed(tmp_path, monkeypatch):
+    """SIGINT stops the trainer after a checkpoint: the runner must not file that as a finished run
+    (it did: a stopped MoE run was reported at step 810 of 1,000), and the next run resumes it."""
+    import signal
+
+    from ultramem import train as train_mod
+
+    cfg = _write(tmp_path, "dense", "dense", 0)
+    loop = train_mod._loop
+
+    def interrupted_loop(s):
+        signal.raise_signal(signal.SIGINT)  # caught by the trainer's own handler, as a Ctrl-C would be
+        loop(s)
+
+    monkeypatch.setattr(train_mod, "_loop", interrupted_loop)
+    summary = runner.run_one(tmp_path, "tiny", cfg)
+    monkeypatch.undo()
+    assert summary["interrupted"] == signal.SIGINT and summary["step"] < 4
+    assert not (tmp_path / "results/tiny/dense-s0.json").exists()
+    assert runner.status(tmp_path, "tiny")["started"] == ["dense-s0"]
+    assert runner.run_one(tmp_path, "tiny", cfg)["step"] == 4
+    assert runner.status(tmp_path, "tiny")["done"] == ["dense-s0"]
+
+
 def test_a_run_being_trained_is_never_started_twice(tmp_path, monkeypatch):
     cfg = _write(tmp_path, "dense", "dense", 0)
     run_dir = tmp_path / "runs/tiny/dense-s0"

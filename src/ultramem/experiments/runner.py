@@ -171,6 +171,10 @@ def _train_and_summarise(root, suite, cfg_path, spec, run_dir, result_path) -> d
     t0 = time.time()
     summary = train(cfg, log=lambda msg: print(f"[{cfg_path.stem}] {msg}", flush=True))
     summary.pop("losses", None)
+    if summary.get("interrupted"):  # stopped by a signal after a checkpoint: not a result
+        print(f"[{cfg_path.stem}] interrupted at step {summary['step']}; no result written, the next "
+              f"`exp run` resumes it from its checkpoint", flush=True)
+        return summary
     result = {"name": spec["name"], "group": spec.get("group", spec["name"]), "seed": spec.get("seed"),
               "suite": suite, "config": str(cfg_path), "wall_seconds_last_session": time.time() - t0,
               "tokens": summary["step"] * cfg.train.batch_size * cfg.train.seq_len, **summary,
@@ -256,4 +260,6 @@ def start_background(root: Path, suite: str | list[str], jobs: int, only: list[s
 
 
 if __name__ == "__main__":  # one run in a child process: python -m ultramem.experiments.runner ROOT SUITE CFG
-    run_one(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))
+    summary = run_one(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))
+    if summary.get("interrupted"):
+        sys.exit(128 + summary["interrupted"])  # the shell's convention for "killed by signal N"
