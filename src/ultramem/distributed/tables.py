@@ -138,7 +138,7 @@ class RowShardedTable(_ShardedTable):
         C, P, G = self.num_chunks, self.P, num_bags
         weight = self.weight.to_local()
         plan = _route(row_TK, bag_TK, G, self.num_rows // P, P)
-        splits = comm.all_to_all_raw(plan.splits_P2, [1] * P, [1] * P, self.group)
+        splits = comm.all_to_all_raw(plan.splits_I2, [1] * P, [1] * P, self.group)
         in_e, in_s = splits[:, 0].tolist(), splits[:, 1].tolist()
         ids_Z = comm.all_to_all_raw(plan.ids_Z, plan.send_e, in_e, self.group)
         w_ZC = comm.all_to_all(w_TKC.to(weight.dtype).reshape(T * K, C)[plan.order_Z], plan.send_e, in_e,
@@ -174,7 +174,7 @@ def _route(row_TK: torch.Tensor, bag_TK: torch.Tensor | None, G: int, rows_per: 
     local_row_Z = row_TK.reshape(-1)[order_Z] - owner_Z[order_Z] * rows_per
     return _Route(order_Z=order_Z, ids_Z=seg_local_Z * rows_per + local_row_Z, rows_per=rows_per,
                   send_e=send_e.tolist(), send_s=send_s.tolist(), seg_tg_Y=segs - seg_owner * T * G,
-                  splits_P2=torch.stack([send_e, send_s], 1))
+                  splits_I2=torch.stack([send_e, send_s], 1))
 
 
 def _pool_segments(weight_NDc: torch.Tensor, ids_Z: torch.Tensor, w_ZC: torch.Tensor, in_e: list[int],

@@ -240,6 +240,8 @@ def run_suite(root: Path, suite: str | list[str], jobs: int = 1, only: list[str]
                 ok = proc.returncode == 0
                 failures += not ok
                 state = "finished" if ok else f"FAILED (exit {proc.returncode})"
+                if proc.returncode > 128:  # the child stopped on a signal after a checkpoint
+                    state = f"interrupted (signal {proc.returncode - 128}; resumed next time)"
                 print(f"{state} {cfg_path.stem}", flush=True)
     for msg in stale:  # again at the end, where a long log is read
         print(msg, flush=True)

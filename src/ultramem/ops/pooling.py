@@ -10,7 +10,7 @@ Shape legend (suffixes on tensor names):
 Semantics, shared by every implementation:
     out_TGCDc[t, g, c] = sum over k with bag_TK[t, k] == g of  w_TKC[t, k, c] * W[row_TK[t, k] * C + c]
 
-The table is stored as (rows * C, D) so chunk c of row i is storage row i * C + c: every
+The table is stored as (rows * C, Dc) so chunk c of row i is storage row i * C + c: every
 (token, bag, chunk) is one bag of `embedding_bag` with a scalar weight per entry, and row-sparse
 gradients stay possible (a sparse gradient cannot flow back through a reshape).
 """
@@ -41,7 +41,7 @@ def bag_layout(row_TK: torch.Tensor, bag_TK: torch.Tensor | None, w_TKC: torch.T
     that computes every (token, chunk, bag) sum, and the number of bags G it yields per chunk.
 
     Each token's entries are stably sorted by bag so that every bag is a contiguous run; the bag
-    order is (token, chunk, bag): `unbag` turns the (T * C * G, D) result back into (T, G, C, D).
+    order is (token, chunk, bag): `unbag` turns the (T * C * G, Dc) result back into (T, G, C, Dc).
     Quantised and offloaded tables (ultramem.quantized / ultramem.offload) reuse this layout.
     """
     T, K = row_TK.shape
@@ -63,7 +63,7 @@ def bag_layout(row_TK: torch.Tensor, bag_TK: torch.Tensor | None, w_TKC: torch.T
 
 
 def unbag(out: torch.Tensor, T: int, C: int, num_bags: int) -> torch.Tensor:
-    """(T * C * G, D) bag sums in `bag_layout` order -> (T, G, C, D)."""
+    """(T * C * G, Dc) bag sums in `bag_layout` order -> (T, G, C, Dc)."""
     return out.view(T, C, num_bags, -1).transpose(1, 2)
 
 
@@ -79,7 +79,7 @@ def pool_fused(weight_NDc: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Ten
 def pool_gathered(rows_fn, row_TK: torch.Tensor, bag_TK: torch.Tensor | None, w_TKC: torch.Tensor,
                   num_bags: int, row_scale_N: torch.Tensor | None = None) -> torch.Tensor:
     """Pool from a table that is not one dense tensor (quantised, on disk, in host memory):
-    `rows_fn(uniq_U)` returns the U distinct storage rows read as a dense (U, D) tensor on the
+    `rows_fn(uniq_U)` returns the U distinct storage rows read as a dense (U, Dc) tensor on the
     indices' device, and one `embedding_bag` over that small table does the weighted sums.
     row_scale_N (optional, per storage row) multiplies each entry's weight: a per-row scale folded
     into the weights instead of a pass over the rows. Summation order is that of `pool_fused`, so
@@ -101,5 +101,5 @@ register("pool", "embedding_bag", pool_fused)
 
 def pool(weight_NDc: torch.Tensor, row_TK: torch.Tensor, bag_TK: torch.Tensor | None, w_TKC: torch.Tensor,
          num_bags: int = 1, sparse: bool = False) -> torch.Tensor:
-    """(T, G, C, D) pooled chunks; the implementation is picked by `dispatch.select`."""
+    """(T, G, C, Dc) pooled chunks; the implementation is picked by `dispatch.select`."""
     return select("pool", weight_NDc).fn(weight_NDc, row_TK, bag_TK, w_TKC, num_bags, sparse)

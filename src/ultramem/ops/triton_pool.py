@@ -10,14 +10,14 @@ blocks), C chunks (MCS cores), Dc chunk width, N storage rows (physical rows * C
 
     out_TGCDc[t, g, c] = sum over k with bag_TK[t, k] == g of  w_TKC[t, k, c] * W[row_TK[t, k] * C + c]
 
-Forward: one program per (token, bag, chunk, D block); it walks the token's K entries and loads
+Forward: one program per (token, bag, chunk, Dc block); it walks the token's K entries and loads
 only the table rows of its bag (masked loads), so every kept row is read from memory once,
 accumulating in fp32 whatever the table dtype (fp32 / bf16 / fp16). The output has the table's
 dtype.
 
 Backward, both gradients from one pass over the kept rows:
 - weights: dw_TKC[t, k, c] = <dout[t, bag, c], W[row * C + c]> (fp32 accumulation, no atomics);
-- table, dense: fp32 atomic adds of w * dout into an (N, D) buffer (fast; the summation order of
+- table, dense: fp32 atomic adds of w * dout into an (N, Dc) buffer (fast; the summation order of
   rows read by several tokens varies from run to run);
 - table, deterministic (`deterministic=True`, or torch.use_deterministic_algorithms) or sparse:
   the Z triples are sorted by storage row and each distinct row's contributions summed in a
