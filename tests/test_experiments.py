@@ -189,6 +189,13 @@ def test_an_interrupted_run_writes_no_result_and_is_resumed(tmp_path, monkeypatc
     assert runner.status(tmp_path, "tiny")["done"] == ["dense-s0"]
 
 
+def test_the_suite_log_names_an_interrupted_child_apart_from_a_failed_one():
+    assert runner._child_state(0) == "finished"
+    assert runner._child_state(130).startswith("interrupted (signal 2")  # 128 + SIGINT, from __main__
+    assert runner._child_state(1) == "FAILED (exit 1)"
+    assert runner._child_state(-9) == "FAILED (exit -9)"  # killed outright: no checkpoint promised
+
+
 def test_a_run_being_trained_is_never_started_twice(tmp_path, monkeypatch):
     cfg = _write(tmp_path, "dense", "dense", 0)
     run_dir = tmp_path / "runs/tiny/dense-s0"

@@ -195,6 +195,15 @@ def live_runs(root: Path) -> dict[Path, int]:
     return out
 
 
+def _child_state(returncode: int) -> str:
+    """How a run's child process ended, as the suite log says it."""
+    if returncode == 0:
+        return "finished"
+    if returncode > 128:  # the child checkpointed and exited 128 + N on signal N (see __main__)
+        return f"interrupted (signal {returncode - 128}; resumed next time)"
+    return f"FAILED (exit {returncode})"
+
+
 def run_suite(root: Path, suite: str | list[str], jobs: int = 1, only: list[str] | None = None) -> int:
     """Run every unfinished config of the suite(s), `jobs` at a time, each in its own process.
 
@@ -237,12 +246,8 @@ def run_suite(root: Path, suite: str | list[str], jobs: int = 1, only: list[str]
         for proc, cfg_path in list(running):
             if proc.poll() is not None:
                 running.remove((proc, cfg_path))
-                ok = proc.returncode == 0
-                failures += not ok
-                state = "finished" if ok else f"FAILED (exit {proc.returncode})"
-                if proc.returncode > 128:  # the child stopped on a signal after a checkpoint
-                    state = f"interrupted (signal {proc.returncode - 128}; resumed next time)"
-                print(f"{state} {cfg_path.stem}", flush=True)
+                failures += proc.returncode != 0  # an interrupted run is not finished either
+                print(f"{_child_state(proc.returncode)} {cfg_path.stem}", flush=True)
     for msg in stale:  # again at the end, where a long log is read
         print(msg, flush=True)
     return 1 if failures or stale else 0
